@@ -1,0 +1,70 @@
+"""Command line for the generation core: `python -m helpers "your prompt" [--system ...] [--model NAME|PATH] ...`.
+
+Streams the answer to stdout, then prints the stats line (to stderr, so the answer can be piped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from helpers.catalogue import DEFAULT_MODEL, available_models
+from helpers.settings import GenerationSettings
+
+
+def parse_args(argv):
+    defaults = GenerationSettings()
+    p = argparse.ArgumentParser(prog="python -m helpers", description="Chat with a Llama 2 GGUF model.")
+    p.add_argument("prompt")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a GGUF path or one of: {', '.join(available_models())}")
+    p.add_argument("--quant", default=None, help="quantization of a catalogue model (default Q4_K_M)")
+    p.add_argument("--offline", action="store_true", help="use the bundled offline model")
+    p.add_argument("--n-ctx", type=int, default=None)
+    p.add_argument("--n-gpu-layers", default="auto")
+    p.add_argument("--template", default=None, help="chat template name (default: chosen from the model)")
+    for f in dataclasses.fields(GenerationSettings):
+        if f.name == "stop":
+            p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+        else:
+            kind = int if f.name in ("max_tokens", "top_k", "seed") else float
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from helpers.download import DownloadError, resolve_model
+    from helpers.generation import GenerationStats, stream
+    from helpers.loading import ModelLoadError, load_model
+
+    args = parse_args(argv)
+    try:
+        settings = GenerationSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings)})
+        path = (
+            Path(args.model)
+            if Path(args.model).is_file()
+            else resolve_model(args.model, args.quant, offline=args.offline)
+        )
+        layers = args.n_gpu_layers if args.n_gpu_layers == "auto" else int(args.n_gpu_layers)
+        llm = load_model(path, n_ctx=args.n_ctx, n_gpu_layers=layers)
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        stats = GenerationStats()
+        for piece in stream(llm, messages, settings, stats=stats, template=args.template):
+            print(piece, end="", flush=True)
+        print()
+    except (ValueError, DownloadError, ModelLoadError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    print(stats.line(), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

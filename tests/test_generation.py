@@ -1,0 +1,176 @@
+"""The generation core with the real small model (SmolLM2-135M-Instruct), held against llama-cpp-python's
+own `create_completion` on the same token ids, seed and sampling settings."""
+
+import threading
+
+import pytest
+
+from helpers.generation import GenerationStats, generate, stream
+from helpers.settings import PRESETS, GenerationSettings
+from helpers.templates import encode_chat
+
+CHAT = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write three sentences about the sea."},
+]
+
+
+def library_text(llm, messages, settings):
+    """llama-cpp-python's own completion on a fresh context (no KV prefix from the previous call)."""
+    llm.reset()
+    out = llm.create_completion(
+        prompt=encode_chat(llm, messages),
+        max_tokens=settings.max_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        min_p=settings.min_p,
+        repeat_penalty=settings.repeat_penalty,
+        seed=settings.seed,
+    )
+    return out["choices"][0]["text"], out["choices"][0]["finish_reason"], out["usage"]
+
+
+@pytest.mark.parametrize("seed,temperature", [(7, 0.6), (123, 1.0), (5, 0.0)])
+def test_text_matches_create_completion(smol, seed, temperature):
+    settings = GenerationSettings(max_tokens=48, seed=seed, temperature=temperature)
+    result = generate(smol, CHAT, settings)
+    text, finish, usage = library_text(smol, CHAT, settings)
+    assert result.text == text.lstrip()
+    assert result.stats.finish_reason == finish
+    assert result.stats.prompt_tokens == usage["prompt_tokens"]
+    assert result.stats.completion_tokens == usage["completion_tokens"]
+
+
+def test_same_seed_same_text_and_stream_equals_generate(smol):
+    settings = GenerationSettings(max_tokens=40, seed=42, temperature=0.9)
+    first = generate(smol, CHAT, settings).text
+    pieces = list(stream(smol, CHAT, settings))
+    assert len(pieces) > 5
+    assert "".join(pieces) == first
+    assert generate(smol, CHAT, settings).text == first
+    other = generate(smol, CHAT, settings.replace(seed=43)).text
+    assert other != first
+
+
+def test_stats_are_honest(smol):
+    settings = GenerationSettings(max_tokens=20, seed=1)
+    result = generate(smol, CHAT, settings)
+    stats = result.stats
+    assert stats.prompt_tokens == len(encode_chat(smol, CHAT))
+    assert stats.finish_reason in ("stop", "length")
+    if stats.finish_reason == "length":
+        assert stats.completion_tokens == 20
+    assert stats.time_to_first_token_s > 0 and stats.tokens_per_second > 0
+    assert "tokens/s" in stats.line()
+
+
+def test_max_tokens_gives_length(smol):
+    result = generate(smol, CHAT, GenerationSettings(max_tokens=5, seed=3))
+    assert (result.stats.finish_reason, result.stats.completion_tokens) == ("length", 5)
+
+
+def test_stop_string_ends_before_it(smol):
+    settings = GenerationSettings(max_tokens=60, seed=11, temperature=0.0)
+    full = generate(smol, CHAT, settings).text
+    words = full.split()
+    stop = " ".join(words[4:6])
+    cut = generate(smol, CHAT, settings.replace(stop=(stop,)))
+    assert cut.stats.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+    assert stop not in cut.text
+
+
+def test_plain_string_is_a_single_user_message(smol):
+    settings = GenerationSettings(max_tokens=12, seed=2)
+    assert (
+        generate(smol, "Name a colour.", settings).text
+        == generate(smol, [{"role": "user", "content": "Name a colour."}], settings).text
+    )
+
+
+def test_cancel_within_one_token_then_next_is_unaffected(smol):
+    settings = GenerationSettings(max_tokens=64, seed=9)
+    smol.reset()
+    fresh = generate(smol, CHAT, settings)
+
+    stop = threading.Event()
+    stats = GenerationStats()
+    received = 0
+    for _ in stream(
+        smol, [{"role": "user", "content": "Count from one to fifty."}], settings, stop_event=stop, stats=stats
+    ):
+        received += 1
+        if received == 3:
+            stop.set()
+    assert stats.finish_reason == "cancelled"
+    assert stats.completion_tokens <= 4
+
+    again = generate(smol, CHAT, settings)
+    assert again.text == fresh.text
+    assert again.stats.completion_tokens == fresh.stats.completion_tokens
+
+
+def test_cancel_before_start(smol):
+    stop = threading.Event()
+    stop.set()
+    result = generate(smol, CHAT, GenerationSettings(max_tokens=30, seed=1), stop_event=stop)
+    assert result.text == "" and result.stats.finish_reason == "cancelled"
+
+
+def test_old_turns_dropped_to_fit_context(smol_path):
+    from helpers.loading import load_model
+
+    llm = load_model(smol_path, n_ctx=256)
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(12):
+        history += [
+            {"role": "user", "content": f"Question number {i}: tell me about topic {i} in a few words."},
+            {"role": "assistant", "content": f"Topic {i} is interesting for several reasons that I will list."},
+        ]
+    history.append({"role": "user", "content": "And the last question?"})
+    settings = GenerationSettings(max_tokens=64, seed=4)
+    result = generate(llm, history, settings)
+    stats = result.stats
+    assert stats.dropped_turns > 0
+    assert stats.prompt_tokens + settings.max_tokens <= 256
+    kept = [history[0]] + history[1 + 2 * stats.dropped_turns :]
+    assert stats.prompt_tokens == len(encode_chat(llm, kept))
+    assert len(encode_chat(llm, [history[0]] + history[1 + 2 * (stats.dropped_turns - 1) :])) + 64 > 256
+
+    with pytest.raises(ValueError, match="exceeds the context of 256 tokens"):
+        generate(llm, "word " * 300, settings)
+    # Nothing broken: the model still answers.
+    assert generate(llm, "Hi", GenerationSettings(max_tokens=4, seed=1)).stats.completion_tokens > 0
+
+
+# --- settings -----------------------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    ("max_tokens", 0),
+    ("max_tokens", 1.5),
+    ("temperature", -0.1),
+    ("temperature", float("nan")),
+    ("top_p", 0.0),
+    ("top_p", 1.2),
+    ("top_k", -1),
+    ("min_p", 2),
+    ("repeat_penalty", 0.5),
+    ("seed", -1),
+    ("seed", True),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_SETTINGS)
+def test_invalid_setting_names_field_and_range(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be .* in [\[(]"):
+        GenerationSettings(**{field: value})
+
+
+def test_settings_defaults_follow_meta_and_presets_are_valid():
+    defaults = GenerationSettings()
+    assert (defaults.temperature, defaults.top_p) == (0.6, 0.9)
+    assert GenerationSettings(stop="###").stop == ("###",)
+    with pytest.raises(ValueError, match="stop must hold non-empty strings"):
+        GenerationSettings(stop=("",))
+    assert set(PRESETS) == {"Precise", "Balanced", "Creative"}
