@@ -1,0 +1,68 @@
+"""Run the notebook headless, top to bottom, and print what its "demo"-tagged cells printed (`make demo`).
+
+Parameters are injected after the cell tagged "parameters", as papermill does:
+`python -m helpers.demo llama2_textgen.ipynb MODEL='"llama-2-13b-chat"' OFFLINE=True`.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+
+def inject_parameters(nb, parameters: dict) -> None:
+    import nbformat
+
+    if not parameters:
+        return
+    index = next(i for i, cell in enumerate(nb.cells) if "parameters" in cell.get("metadata", {}).get("tags", []))
+    source = "# injected parameters\n" + "".join(f"{name} = {value!r}\n" for name, value in parameters.items())
+    cell = nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(index + 1, cell)
+
+
+def run_notebook(path: str | Path, parameters: dict | None = None, timeout: int = 1800):
+    """Execute a copy of the notebook in a fresh kernel; return the executed notebook."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    inject_parameters(nb, parameters or {})
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent.resolve())}}
+    ).execute()
+    return nb
+
+
+def printed(nb, tag: str) -> str:
+    """What the cells with `tag` wrote to stdout."""
+    return "".join(
+        output.get("text", "")
+        for cell in nb.cells
+        if tag in cell.get("metadata", {}).get("tags", [])
+        for output in cell.get("outputs", [])
+        if output.get("output_type") == "stream" and output.get("name") == "stdout"
+    )
+
+
+def main(argv: list[str]) -> int:
+    from nbclient.exceptions import CellExecutionError
+
+    notebook, *assignments = argv
+    parameters = {}
+    for assignment in assignments:
+        name, _, value = assignment.partition("=")
+        parameters[name] = ast.literal_eval(value)
+    try:
+        nb = run_notebook(notebook, parameters)
+    except CellExecutionError as error:
+        print(f"The notebook failed:\n{error}", file=sys.stderr)
+        return 1
+    print(printed(nb, "demo").rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
