@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VOCAB  := tests/data/ggml-vocab-llama-spm.gguf
+COLAB  := tests/data/colab-kernel
 
 .PHONY: setup demo test lint format lab bench clean
 
@@ -22,10 +23,17 @@ $(STAMP): requirements.txt requirements-dev.txt helpers/install.py helpers/gpu.p
 $(VOCAB): | $(STAMP)
 	$(BIN)/python tests/fetch_vocab.py $(dir $@)
 
+# What Colab runs (ipykernel 6, ipywidgets 7.7.1), for the notebook and widget tests (put on PYTHONPATH).
+$(COLAB): | $(STAMP)
+	rm -rf $@.part
+	$(BIN)/python -m pip install --quiet --no-deps --target $@.part ipykernel==6.29.5 ipywidgets==7.7.1 \
+		"widgetsnbextension==3.6.*" "jupyterlab_widgets==1.1.*" ipython_genutils==0.2.0 nest_asyncio
+	mv $@.part $@
+
 demo: $(STAMP)
 	$(BIN)/python -m helpers.demo llama2_textgen.ipynb
 
-test: $(STAMP) $(VOCAB)
+test: $(STAMP) $(VOCAB) $(COLAB)
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)

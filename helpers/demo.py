@@ -22,14 +22,15 @@ def inject_parameters(nb, parameters: dict) -> None:
     nb.cells.insert(index + 1, cell)
 
 
-def run_notebook(path: str | Path, parameters: dict | None = None, timeout: int = 1800):
-    """Execute a copy of the notebook in a fresh kernel; return the executed notebook."""
+def run_notebook(path: str | Path, parameters: dict | None = None, *, extra_cells=(), timeout: int = 1800):
+    """Execute a copy of the notebook in a fresh kernel, in the notebook's folder; return the executed copy."""
     import nbformat
     from nbclient import NotebookClient
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     inject_parameters(nb, parameters or {})
+    nb.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
     NotebookClient(
         nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent.resolve())}}
     ).execute()

@@ -1,6 +1,10 @@
 """The chat panel driven in plain Python (set values, click), with the real small model."""
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +146,22 @@ def test_quant_picker_labels_sizes():
     assert any("4.08 GB file" in label for label, _ in picker.options)
     with pytest.raises(ValueError, match="available"):
         quant_picker("llama-2-7b-chat", "Q9")
+
+
+def test_panel_on_colab_widgets():
+    """Everything above again with ipywidgets 7.7.1 and ipykernel 6, as Colab has them."""
+    colab = Path(__file__).parent / "data" / "colab-kernel"
+    assert colab.is_dir(), "run `make test`, which installs tests/data/colab-kernel"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not on_colab_widgets"],
+        env=os.environ | {"PYTHONPATH": str(colab)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    check = "import ipywidgets; print(ipywidgets.__version__)"
+    version = subprocess.run(
+        [sys.executable, "-c", check], env=os.environ | {"PYTHONPATH": str(colab)}, capture_output=True, text=True
+    )
+    assert version.stdout.strip() == "7.7.1"
