@@ -28,7 +28,9 @@ def kernel(request, monkeypatch):
 
 def test_notebook_runs_top_to_bottom(kernel, smol):
     versions = "import ipykernel, ipywidgets; print(ipykernel.__version__, ipywidgets.__version__)"
-    nb = run_notebook(NOTEBOOK, {"OFFLINE": True, "MAX_TOKENS": 40, "SEED": 7}, extra_cells=[versions])
+    # The measured quantization section runs once (it takes about a minute), in the Jupyter kernel.
+    parameters = {"OFFLINE": True, "MAX_TOKENS": 40, "SEED": 7, "COMPARE_QUANTIZATIONS": kernel == "jupyter"}
+    nb = run_notebook(NOTEBOOK, parameters, extra_cells=[versions])
     kernel_version, widgets_version = printed_by(nb.cells[-1]).split()
     if kernel == "colab":
         assert (kernel_version[0], widgets_version) == ("6", "7.7.1")
@@ -48,6 +50,12 @@ def test_notebook_runs_top_to_bottom(kernel, smol):
     # The chat panel rendered as a widget.
     panel = [c for c in nb.cells if "build_ui" in c.source][0]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in panel.outputs)
+    if kernel == "jupyter":
+        (quant,) = [c for c in nb.cells if "compare_quantizations" in c.source]
+        html = "".join(o.get("data", {}).get("text/html", "") for o in quant.outputs)
+        for kind in ("Q4_1", "F32", "Q8_0", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"):
+            assert f"SmolLM2-135M-Instruct.{kind}.gguf" in html
+        assert any("image/png" in o.get("data", {}) for o in quant.outputs)
 
 
 def printed_by(cell):
@@ -66,7 +74,7 @@ def nb_parameter(nb, name):
 def test_make_demo_falls_back_to_the_offline_model_with_one_line():
     env = os.environ | {"HF_ENDPOINT": "http://127.0.0.1:9"}  # a Hub that cannot be reached
     done = subprocess.run(
-        [sys.executable, "-m", "helpers.demo", str(NOTEBOOK), "MAX_TOKENS=24"],
+        [sys.executable, "-m", "helpers.demo", str(NOTEBOOK), "MAX_TOKENS=24", "COMPARE_QUANTIZATIONS=False"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,0 +1,219 @@
+"""What quantization trades, measured: file size, bits per weight, load time, prompt and generation speed,
+and perplexity, for several GGUF files of one model; plus making those files from one model offline.
+
+Perplexity is the standard one: exp of the mean negative log-likelihood of each token given the tokens
+before it, over consecutive windows of the context size (the first token of each window is not scored).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from helpers.generation import GenerationStats, stream
+from helpers.loading import captured_native_log, load_model, physical_cores, unload_model
+from helpers.modelinfo import read_info
+from helpers.settings import GenerationSettings
+
+# A fixed evaluation text (public domain: the opening of the US Declaration of Independence and of
+# Darwin's "On the Origin of Species"), so that every file is scored on the same tokens.
+EVAL_TEXT = (
+    "When in the Course of human events, it becomes necessary for one people to dissolve the political bands "
+    "which have connected them with another, and to assume among the powers of the earth, the separate and equal "
+    "station to which the Laws of Nature and of Nature's God entitle them, a decent respect to the opinions of "
+    "mankind requires that they should declare the causes which impel them to the separation. We hold these "
+    "truths to be self-evident, that all men are created equal, that they are endowed by their Creator with "
+    "certain unalienable Rights, that among these are Life, Liberty and the pursuit of Happiness. That to secure "
+    "these rights, Governments are instituted among Men, deriving their just powers from the consent of the "
+    "governed. When on board H.M.S. Beagle, as naturalist, I was much struck with certain facts in the "
+    "distribution of the inhabitants of South America, and in the geological relations of the present to the "
+    "past inhabitants of that continent. These facts seemed to me to throw some light on the origin of species, "
+    "that mystery of mysteries, as it has been called by one of our greatest philosophers. On my return home, it "
+    "occurred to me, in 1837, that something might perhaps be made out on this question by patiently "
+    "accumulating and reflecting on all sorts of facts which could possibly have any bearing on it. After five "
+    "years' work I allowed myself to speculate on the subject, and drew up some short notes; these I enlarged in "
+    "1844 into a sketch of the conclusions, which then seemed to me probable."
+)
+
+# The types the offline demo makes (llama.cpp's quantize names -> LLAMA_FTYPE_* values).
+OFFLINE_TYPES = ("Q8_0", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def token_nlls(llm, tokens: list[int]) -> np.ndarray:
+    """Negative log-likelihood of tokens[1:], each given the ones before it (one window; needs logits_all)."""
+    llm.reset()
+    llm.eval(tokens)
+    logprobs = _log_softmax(np.asarray(llm.scores[: len(tokens) - 1]))
+    return -logprobs[np.arange(len(tokens) - 1), tokens[1:]]
+
+
+def perplexity(llm, text: str = EVAL_TEXT, window: int | None = None) -> float:
+    """exp(mean NLL) over consecutive windows of `window` tokens (default: the context size).
+    The model must be loaded with logits_all=True."""
+    if not getattr(llm, "_logits_all", False):
+        raise ValueError("perplexity needs every position's logits: load the model with logits_all=True.")
+    window = window or llm.n_ctx()
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)
+    nlls = [token_nlls(llm, tokens[i : i + window]) for i in range(0, len(tokens) - 1, window)]
+    nlls = [n for n in nlls if len(n)]
+    return float(np.exp(np.concatenate(nlls).mean()))
+
+
+@dataclass
+class QuantRow:
+    file: str
+    size_mb: float
+    bits_per_weight: float
+    load_s: float
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+    perplexity: float
+
+
+def measure(path: Path, *, text: str, n_ctx: int, gen_tokens: int, n_gpu_layers) -> QuantRow:
+    info = read_info(path)
+    unload_model()
+    start = time.perf_counter()
+    llm = load_model(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers)
+    load_s = time.perf_counter() - start
+    stats = GenerationStats()
+    prompt = [{"role": "user", "content": "Continue this text: " + text[:1500]}]
+    for _ in stream(llm, prompt, GenerationSettings(max_tokens=gen_tokens, seed=1, temperature=0.0), stats=stats):
+        pass
+    unload_model()
+    scorer = load_model(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, logits_all=True)
+    ppl = perplexity(scorer, text)
+    unload_model()
+    return QuantRow(
+        file=path.name,
+        size_mb=info.size_bytes / 1e6,
+        bits_per_weight=info.bits_per_weight,
+        load_s=load_s,
+        prompt_tokens_per_s=stats.prompt_tokens / stats.time_to_first_token_s,
+        generation_tokens_per_s=stats.tokens_per_second,
+        perplexity=ppl,
+    )
+
+
+def compare_quantizations(paths, *, text: str = EVAL_TEXT, n_ctx: int = 512, gen_tokens: int = 64, n_gpu_layers="auto"):
+    """One row per GGUF file, models loaded one at a time and freed; returns a pandas DataFrame if pandas
+    is installed, else the rows."""
+    rows = [measure(Path(p), text=text, n_ctx=n_ctx, gen_tokens=gen_tokens, n_gpu_layers=n_gpu_layers) for p in paths]
+    try:
+        import pandas as pd
+    except ImportError:
+        return rows
+    return pd.DataFrame([r.__dict__ for r in rows]).set_index("file")
+
+
+def plot(table):
+    """Size against generation speed, coloured by perplexity (matplotlib)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = ax.scatter(
+        table["size_mb"], table["generation_tokens_per_s"], c=table["perplexity"], cmap="viridis_r", s=80
+    )
+    for name, row in table.iterrows():
+        ax.annotate(
+            name.rsplit(".", 2)[-2],
+            (row["size_mb"], row["generation_tokens_per_s"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+        )
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel("generation tokens/s")
+    fig.colorbar(points, label="perplexity (lower is better)")
+    ax.set_title("What quantization trades")
+    fig.tight_layout()
+    return fig
+
+
+# --- making the files offline --------------------------------------------------------------------
+
+
+def dequantize_to_f32(source: Path, target: Path) -> Path:
+    """Write `source` with every tensor dequantized to F32 (gguf package), metadata copied."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    part = target.with_suffix(target.suffix + ".part")
+    writer = gguf.GGUFWriter(part, arch)
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        value = gguf.LlamaFileType.ALL_F32 if field.name == "general.file_type" else field.contents()
+        kind = field.types[0]
+        writer.add_key_value(
+            field.name, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        )
+    for tensor in reader.tensors:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        writer.add_tensor(tensor.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    part.replace(target)
+    return target
+
+
+def quantize(source: Path, target: Path, kind: str) -> Path:
+    """llama.cpp's quantizer (through llama-cpp-python): `kind` is a name like "Q4_K_M"."""
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}", None)
+    if ftype is None:
+        raise ValueError(f"Unknown quantization {kind!r}; e.g. {', '.join(OFFLINE_TYPES)}.")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = physical_cores()
+    part = target.with_suffix(target.suffix + ".part")
+    log: list[str] = []
+    with captured_native_log(log, echo=False):
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(), ctypes.byref(params))
+    if failed:
+        part.unlink(missing_ok=True)
+        errors = " | ".join(line.strip() for line in log if "error" in line.lower())
+        raise RuntimeError(f"llama.cpp could not quantize {source.name} to {kind}. {errors}")
+    part.replace(target)
+    return target
+
+
+def make_variants(source: Path, folder: Path, kinds=OFFLINE_TYPES) -> list[Path]:
+    """F32 from `source`, then each of `kinds` from that F32; files already made are reused."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = source.name.split(".")[0]
+    f32 = folder / f"{stem}.F32.gguf"
+    if not f32.exists():
+        dequantize_to_f32(source, f32)
+    made = [f32]
+    for kind in kinds:
+        target = folder / f"{stem}.{kind}.gguf"
+        made.append(target if target.exists() else quantize(f32, target, kind))
+    return made
+
+
+ONLINE_TYPES = ("Q2_K", "Q4_K_M", "Q6_K")  # 2.8 + 4.1 + 5.5 GB for Llama 2 7B
+
+
+def files_to_compare(name: str, model_path: Path, folder: Path = Path("quantized")) -> list[Path]:
+    """The files the notebook compares: variants made here from the bundled model when it is the one in
+    use, else a few quantizations of the catalogue model, downloaded."""
+    from helpers.catalogue import offline_model_path
+    from helpers.download import download_model
+
+    if Path(model_path) == offline_model_path():
+        return [Path(model_path), *make_variants(Path(model_path), folder)]
+    return [download_model(name, quant=kind) for kind in ONLINE_TYPES]

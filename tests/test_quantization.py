@@ -1,0 +1,89 @@
+"""Quantization measured: perplexity against an independent numpy computation, the variants made offline
+from the bundled model, and the comparison table."""
+
+import math
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from helpers.loading import load_model, unload_model
+from helpers.quantization import EVAL_TEXT, compare_quantizations, make_variants, perplexity, plot
+
+
+def reference_perplexity(llm, text, window):
+    """One token at a time, logits read straight from llama.cpp, log-softmax in float64 by hand."""
+    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)
+    n_vocab = llm.n_vocab()
+    nll = []
+    for start in range(0, len(tokens) - 1, window):
+        chunk = tokens[start : start + window]
+        llm.reset()
+        for i, token in enumerate(chunk[:-1]):
+            llm.eval([token])
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(n_vocab,)).astype(np.float64)
+            top = logits.max()
+            log_z = top + math.log(np.exp(logits - top).sum())
+            nll.append(log_z - logits[chunk[i + 1]])
+    return math.exp(sum(nll) / len(nll))
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory, smol_path):
+    return make_variants(smol_path, tmp_path_factory.mktemp("quants"), kinds=("Q8_0", "Q2_K"))
+
+
+def test_perplexity_matches_independent_computation(variants):
+    # On the F32 file the batched and the one-token-at-a-time paths do the same arithmetic; on quantized
+    # files llama.cpp's batched kernels round differently (measured: up to 1.8 nats on single tokens).
+    f32 = variants[0]
+    text = EVAL_TEXT[:900]
+    scorer = load_model(f32, n_ctx=512, logits_all=True)
+    ours = perplexity(scorer, text, window=96)
+    longer = perplexity(scorer, text, window=256)
+    unload_model()
+    reference = reference_perplexity(load_model(f32, n_ctx=512), text, window=96)
+    assert 1 < ours < 100
+    assert ours == pytest.approx(reference, rel=1e-3)
+    assert longer < ours  # a longer window gives more context, so a lower perplexity
+
+
+def test_perplexity_needs_all_logits(smol):
+    with pytest.raises(ValueError, match="logits_all=True"):
+        perplexity(smol)
+
+
+def test_variants_made_offline(variants, smol_path):
+    from gguf import GGUFReader
+
+    f32, q8, q2 = variants
+    assert [p.name.split(".")[1] for p in variants] == ["F32", "Q8_0", "Q2_K"]
+    assert {t.tensor_type.name for t in GGUFReader(f32).tensors} == {"F32"}
+    assert q2.stat().st_size < smol_path.stat().st_size < q8.stat().st_size < f32.stat().st_size
+    # Re-running reuses what was made.
+    mtimes = [p.stat().st_mtime_ns for p in variants]
+    assert make_variants(smol_path, f32.parent, kinds=("Q8_0", "Q2_K")) == variants
+    assert [p.stat().st_mtime_ns for p in variants] == mtimes
+
+
+def test_comparison_table_and_plot(variants, smol_path):
+    f32, q8, q2 = variants
+    table = compare_quantizations([smol_path, f32, q8, q2], gen_tokens=16)
+    assert list(table.columns) == [
+        "size_mb",
+        "bits_per_weight",
+        "load_s",
+        "prompt_tokens_per_s",
+        "generation_tokens_per_s",
+        "perplexity",
+    ]
+    ppl = table["perplexity"]
+    # The F32 file holds the same weights as the Q4_1 it came from: same perplexity up to arithmetic.
+    assert ppl[f32.name] == pytest.approx(ppl[smol_path.name], rel=0.03)
+    # 2-bit loses quality; 8-bit does not.
+    assert ppl[q2.name] > 1.1 * ppl[q8.name]
+    assert ppl[q8.name] == pytest.approx(ppl[f32.name], rel=0.03)
+    assert table["bits_per_weight"][f32.name] == pytest.approx(32, rel=0.01)
+    assert (table["generation_tokens_per_s"] > 0).all() and (table["prompt_tokens_per_s"] > 0).all()
+    fig = plot(table)
+    assert len(fig.axes[0].collections[0].get_offsets()) == 4
