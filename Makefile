@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 VOCAB  := tests/data/ggml-vocab-llama-spm.gguf
 COLAB  := tests/data/colab-kernel
 
-.PHONY: setup demo test lint format lab bench clean
+.PHONY: setup demo test test-browser lint format lab bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ demo: $(STAMP)
 test: $(STAMP) $(VOCAB) $(COLAB)
 	$(BIN)/python -m pytest
 
+# JupyterLab driven by headless Chromium (Debian's package; Playwright never downloads a browser).
+test-browser: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+	$(BIN)/python -m pytest -m browser tests/browser
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -51,4 +56,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) tests/data .pytest_cache
+	rm -rf $(VENV) tests/data .pytest_cache test-artifacts quantized

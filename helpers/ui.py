@@ -49,26 +49,30 @@ class ChatPanel:
         wide = w.Layout(width="100%")
         self.prompt = w.Textarea(placeholder="Ask something...", layout=w.Layout(width="100%", height="80px"))
         self.system = w.Textarea(value=system_prompt, placeholder="System prompt (optional)", layout=wide)
-        self.preset = w.Dropdown(options=list(PRESETS), value="Balanced", description="Preset")
+        label = {"style": {"description_width": "110px"}, "layout": w.Layout(width="420px")}
+        self.preset = w.Dropdown(options=list(PRESETS), value="Balanced", description="Preset", **label)
         self.controls = {}
-        for name, (kind, low, high, step, label) in CONTROLS.items():
+        for name, (kind, low, high, step, text) in CONTROLS.items():
             value = getattr(settings, name)
             if name == "max_tokens":
-                self.controls[name] = w.IntText(value=value, description=label)
-            elif kind == "int":
-                self.controls[name] = w.IntSlider(value=value, min=low, max=high, step=step, description=label)
+                control = w.IntText(value=value, description=text, **label)
             else:
-                self.controls[name] = w.FloatSlider(value=value, min=low, max=high, step=step, description=label)
-        self.seed = w.Text(
-            value="" if settings.seed is None else str(settings.seed), description="Seed", placeholder="random"
+                slider = w.IntSlider if kind == "int" else w.FloatSlider
+                control = slider(value=value, min=low, max=high, step=step, description=text, **label)
+            self.controls[name] = control
+        seed = "" if settings.seed is None else str(settings.seed)
+        self.seed = w.Text(value=seed, description="Seed", placeholder="random", **label)
+        self.stop_strings = w.Text(
+            value=", ".join(settings.stop), description="Stop", placeholder="comma-separated", **label
         )
-        self.stop_strings = w.Text(value=", ".join(settings.stop), description="Stop", placeholder="comma-separated")
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
         self.clear_button = w.Button(description="Clear", icon="trash")
         self.answer = w.HTML(value=_pre(""))
         self.stats = w.HTML(value="")
         self.error = w.HTML(value="")
+        for widget, name in ((self.answer, "answer"), (self.stats, "stats"), (self.error, "error")):
+            widget.add_class(f"llama2-textgen-{name}")  # stable handles for styling and the browser test
         self.history_view = w.HTML(value="")
 
         self.preset.observe(self._apply_preset, names="value")
