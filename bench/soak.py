@@ -58,6 +58,8 @@ def main() -> int:
     cancels = mismatches = 0
     after_cancel = False
     for run in range(args.runs):
+        if run == 10:
+            baseline = rss_bytes()
         prompt = PROMPTS[run % len(PROMPTS)]
         if run % 5 == 4:
             stats = cancelled_run(llm, PROMPTS[(run + 1) % len(PROMPTS)], settings.replace(max_tokens=200))
@@ -68,8 +70,6 @@ def main() -> int:
         if after_cancel and text != fresh[prompt]:
             mismatches += 1
         after_cancel = False
-        if run == 9:
-            baseline = rss_bytes()
     growth = rss_bytes() / baseline - 1
     print(f"runs: {args.runs}   cancelled: {cancels}   after-cancel mismatches: {mismatches}")
     print(f"resident memory: {baseline / 2**20:.1f} MiB after 10 runs -> {rss_bytes() / 2**20:.1f} MiB ({growth:+.2%})")

@@ -8,10 +8,12 @@ the template says. Sampling is the library's own (same sampler chain and seed ha
 from __future__ import annotations
 
 import codecs
+import queue
 import random
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from helpers.loading import ensure_usable
@@ -93,46 +95,36 @@ def stream(
 
     A string prompt is a single user message. Setting `stop_event` ends the generation within one token.
     """
-    import llama_cpp
-
     settings = settings or GenerationSettings()
     stats = stats if stats is not None else GenerationStats()
     prompt, stats.dropped_turns = fit_to_context(llm, as_messages(messages_or_prompt), settings.max_tokens, template)
     stats.prompt_tokens = len(prompt)
     stats.seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**32)
 
-    # Evaluate the prompt from scratch every time. Reusing the KV cache of an earlier prompt re-evaluates
-    # the last prompt token alone, which changes the logits in the last bits and so, sooner or later, the
-    # sampled text: the same seed would no longer give the same answer, and a cancelled generation would
-    # change the next one. Prompt processing is 20-60x faster than generation, so this costs little.
-    llm.reset()
-    llm.set_seed(stats.seed)
-    vocab = llm._model.vocab
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    started = time.perf_counter()
-    first = last = started
     pending, answer_started = "", False
+    first = last = started = time.perf_counter()
     stats.finish_reason = "length"
-    tokens = llm.generate(
-        prompt,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        min_p=settings.min_p,
-        temp=settings.temperature,
-        repeat_penalty=settings.repeat_penalty,
-    )
+    if threading.current_thread().name.startswith("llama-engine"):
+        raise RuntimeError("stream() cannot run on the llama-engine thread itself; call it from any other thread.")
+    tokens: queue.SimpleQueue = queue.SimpleQueue()
+    halt = threading.Event()
+    producer = _ENGINE.submit(_produce, llm, prompt, settings, stats.seed, stop_event, halt, tokens)
     try:
-        for token in tokens:
+        while (item := tokens.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            token, at = item
             if stop_event is not None and stop_event.is_set():
                 stats.finish_reason = "cancelled"
                 break
-            if llama_cpp.llama_vocab_is_eog(vocab, token):
+            if token is _EOG:
                 stats.finish_reason = "stop"
                 break
-            last = time.perf_counter()
+            last = at
             stats.completion_tokens += 1
             if stats.completion_tokens == 1:
-                first = last
+                first = at
                 stats.time_to_first_token_s = first - started
             pending += decoder.decode(llm.detokenize([token]))
             if not answer_started:  # Meta's decode drops the space SentencePiece puts before the answer
@@ -147,15 +139,70 @@ def stream(
             ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
             if ready:
                 yield ready
-            if stats.completion_tokens >= settings.max_tokens:
-                break
         pending += decoder.decode(b"", final=True)
         if pending:
             yield pending
     finally:
-        tokens.close()
+        halt.set()
+        producer.result()  # llama.cpp is free again before anything else uses this model
         if stats.completion_tokens > 1 and last > first:
             stats.tokens_per_second = (stats.completion_tokens - 1) / (last - first)
+
+
+# All llama.cpp work of this process runs on one thread. ggml's CPU backend keeps an OpenMP thread team
+# per calling thread, and an idle team keeps competing for the cores: after generating once from a second
+# thread (the widget panel's), every later generation was 20-30 % slower (measured: bench/run.py).
+_ENGINE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-engine")
+_EOG = object()
+
+
+def on_engine(function, *args):
+    """Run `function(*args)` on the thread that runs llama.cpp, and return its result."""
+    if threading.current_thread().name.startswith("llama-engine"):
+        return function(*args)
+    return _ENGINE.submit(function, *args).result()
+
+
+def _produce(llm, prompt, settings, seed, stop_event, halt, out):
+    """On the engine thread: sample tokens into `out` as (token, time), then None."""
+    import llama_cpp
+
+    try:
+        # Evaluate the prompt from scratch every time. Reusing the KV cache of an earlier prompt
+        # re-evaluates the last prompt token alone, which changes the logits in their last bits and so,
+        # sooner or later, the sampled text: the same seed would no longer give the same answer, and a
+        # cancelled generation would change the next one. Prompt processing is 20-60x faster than
+        # generation, so this costs little.
+        llm.reset()
+        llm.set_seed(seed)
+        vocab = llm._model.vocab
+        generated = 0
+        tokens = llm.generate(
+            prompt,
+            top_k=settings.top_k,
+            top_p=settings.top_p,
+            min_p=settings.min_p,
+            temp=settings.temperature,
+            repeat_penalty=settings.repeat_penalty,
+        )
+        try:
+            for token in tokens:
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    out.put((_EOG, time.perf_counter()))
+                    break
+                out.put((token, time.perf_counter()))
+                generated += 1
+                if generated >= settings.max_tokens or halt.is_set():
+                    break
+                if stop_event is not None and stop_event.is_set():
+                    out.put((_EOG, time.perf_counter()))  # the consumer reports "cancelled" first
+                    break
+        finally:
+            tokens.close()
+    except BaseException as error:  # handed to the consumer, which raises it in the caller's thread
+        out.put(error)
+    finally:
+        out.put(None)
 
 
 def generate(llm, messages_or_prompt, settings: GenerationSettings | None = None, **kwargs) -> Generation:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers.generation import GenerationStats, stream
+from helpers.generation import GenerationStats, on_engine, stream
 from helpers.loading import captured_native_log, load_model, physical_cores, unload_model
 from helpers.modelinfo import read_info
 from helpers.settings import GenerationSettings
@@ -51,9 +51,13 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def token_nlls(llm, tokens: list[int]) -> np.ndarray:
     """Negative log-likelihood of tokens[1:], each given the ones before it (one window; needs logits_all)."""
-    llm.reset()
-    llm.eval(tokens)
-    logprobs = _log_softmax(np.asarray(llm.scores[: len(tokens) - 1]))
+
+    def evaluate():
+        llm.reset()
+        llm.eval(tokens)
+        return np.array(llm.scores[: len(tokens) - 1])
+
+    logprobs = _log_softmax(on_engine(evaluate))
     return -logprobs[np.arange(len(tokens) - 1), tokens[1:]]
 
 
