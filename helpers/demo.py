@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -25,15 +26,22 @@ def inject_parameters(nb, parameters: dict) -> None:
 def run_notebook(path: str | Path, parameters: dict | None = None, *, extra_cells=(), timeout: int = 1800):
     """Execute a copy of the notebook in a fresh kernel, in the notebook's folder; return the executed copy."""
     import nbformat
+    from jupyter_client import KernelManager
     from nbclient import NotebookClient
 
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     inject_parameters(nb, parameters or {})
     nb.cells += [nbformat.v4.new_code_cell(source) for source in extra_cells]
-    NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent.resolve())}}
-    ).execute()
+    # IPC transport: a local kernel needs no TCP port (and ipykernel 7 warns about unencrypted TCP).
+    with tempfile.TemporaryDirectory() as sockets:
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=str(Path(sockets) / "kernel"))
+        resources = {"metadata": {"path": str(path.parent.resolve())}}
+        try:
+            NotebookClient(nb, km=km, timeout=timeout, resources=resources).execute()
+        finally:
+            if km.has_kernel:  # a kernel manager passed in is not shut down by nbclient
+                km.shutdown_kernel()
     return nb
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def captured_native_log(lines: list[str], echo: bool):
         message = text.decode("utf-8", errors="replace")
         lines.append(message)
         if echo:
-            print(message, end="", file=__import__("sys").stderr)
+            print(message, end="", file=sys.stderr)
 
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
     try:
