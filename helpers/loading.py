@@ -135,7 +135,10 @@ def ensure_usable(llm) -> None:
 
 def describe_model(llm) -> str:
     """One line about a loaded model for the notebook."""
-    where = f"{llm.gpu_layers} layers on the GPU" if llm.gpu_layers else "on the CPU"
+    if llm.gpu_layers < 0 or llm.gpu_layers > read_info(llm.model_path).n_layers:
+        where = "all layers on the GPU"
+    else:
+        where = f"{llm.gpu_layers} layers on the GPU" if llm.gpu_layers else "on the CPU"
     return f"Loaded {Path(llm.model_path).name}: context {llm.n_ctx()} tokens, {llm.n_threads} threads, {where}."
 
 
