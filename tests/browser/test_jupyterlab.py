@@ -1,7 +1,8 @@
-"""End to end: JupyterLab on 127.0.0.1, the notebook run in headless Chromium (Debian's package, driven by
+"""End to end: JupyterLab 4 and Notebook 7 on 127.0.0.1, the notebook run in headless Chromium (Debian's package, driven by
 Playwright), a prompt typed in the panel, Generate clicked, the answer seen growing, Stop clicked.
 Screenshots are kept in test-artifacts/."""
 
+import json
 import os
 import secrets
 import shutil
@@ -30,9 +31,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def lab(tmp_path):
-    """JupyterLab serving a copy of the notebook (so autosave never touches the committed one)."""
+APPS = {"jupyterlab": ("lab", "lab/tree"), "notebook7": ("notebook", "notebooks")}
+
+
+@pytest.fixture(params=list(APPS))
+def lab(request, tmp_path):
+    """JupyterLab or Notebook 7 serving a copy of the notebook (autosave never touches the committed one)."""
+    command, path = APPS[request.param]
     nb = nbformat.read(ROOT / "llama2_textgen.ipynb", as_version=4)
     inject_parameters(nb, {"OFFLINE": True, "COMPARE_QUANTIZATIONS": False, "MAX_TOKENS": 64})
     nbformat.write(nb, tmp_path / "llama2_textgen.ipynb")
@@ -67,12 +72,24 @@ def lab(tmp_path):
                 server.kill()
                 pytest.fail("JupyterLab did not start")
             time.sleep(0.5)
-    yield f"{url}/lab/tree/llama2_textgen.ipynb?token={token}"
+    yield f"{url}/{path}/llama2_textgen.ipynb?token={token}", f"{url}/api/sessions?token={token}", request.param
     server.terminate()
     server.wait(30)
 
 
+def wait_for_idle_kernel(sessions_url, timeout=90):
+    """Until the notebook's kernel reports idle (asked over the server's REST API, the same for both apps)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        sessions = json.load(urllib.request.urlopen(sessions_url, timeout=5))
+        if sessions and sessions[0]["kernel"]["execution_state"] == "idle":
+            return
+        time.sleep(0.5)
+    pytest.fail("the kernel did not start")
+
+
 def test_panel_streams_and_stops_in_a_real_browser(lab):
+    url, sessions_url, app = lab
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
@@ -91,14 +108,14 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
             ],
         )
         page = browser.new_page(viewport={"width": 1280, "height": 1600})
-        page.goto(lab)
+        page.goto(url)
         page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
         select_kernel = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
         try:  # a fresh JupyterLab may ask which kernel to start
             select_kernel.click(timeout=10_000)
         except PlaywrightTimeout:
             pass
-        page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=90_000)
+        wait_for_idle_kernel(sessions_url)
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
 
@@ -106,7 +123,7 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         try:
             prompt.wait_for(timeout=120_000)
         except PlaywrightTimeout:
-            page.screenshot(path=str(ARTIFACTS / "panel-missing.png"), full_page=True)
+            page.screenshot(path=str(ARTIFACTS / f"{app}-panel-missing.png"), full_page=True)
             raise
         prompt.scroll_into_view_if_needed()
         page.locator(".llama2-textgen-stats").wait_for(state="attached")
@@ -126,13 +143,13 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
             if text and (not lengths or len(text) > lengths[-1]):
                 lengths.append(len(text))
             time.sleep(0.15)
-        page.screenshot(path=str(ARTIFACTS / "panel-mid-answer.png"), full_page=False)
+        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-mid-answer.png"), full_page=False)
         assert len(lengths) >= 3 and lengths == sorted(lengths), lengths  # seen growing in the page
 
         page.get_by_role("button", name="Stop").click()
         stats = page.locator(".llama2-textgen-stats")
         stats.filter(has_text="finish:").wait_for(timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / "panel-stopped.png"), full_page=False)
+        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-stopped.png"), full_page=False)
         assert "finish: cancelled" in stats.inner_text()
         assert page.get_by_role("button", name="Generate").is_enabled()
         browser.close()
