@@ -67,15 +67,16 @@ def llama_cpp_offload(python: str = sys.executable) -> bool | None:
     return None if out is None else out.strip().endswith("True")
 
 
-def detect_gpu() -> GPUInfo | None:
-    """The NVIDIA GPU, or None when there is none (or no working driver)."""
+def detect_gpu(check_offload: bool = True) -> GPUInfo | None:
+    """The NVIDIA GPU, or None when there is none (or no working driver). `check_offload=False` skips
+    asking a child process whether llama-cpp-python can offload (`llama_cpp_offload` is then None)."""
     if shutil.which("nvidia-smi") is None:
         return None
     query = _run(["nvidia-smi", f"--query-gpu={QUERY}", "--format=csv,noheader,nounits"])
     parsed = parse_nvidia_smi(query or "", _run(["nvidia-smi"]) or "")
     if parsed is None:
         return None
-    return GPUInfo(**parsed, llama_cpp_offload=llama_cpp_offload())
+    return GPUInfo(**parsed, llama_cpp_offload=llama_cpp_offload() if check_offload else None)
 
 
 # --- how many layers fit --------------------------------------------------------------------------

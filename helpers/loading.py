@@ -50,7 +50,7 @@ def resolve_gpu_layers(n_gpu_layers, info: ModelInfo, n_ctx: int) -> int:
 
     if not llama_cpp.llama_supports_gpu_offload():
         return 0
-    gpu = detect_gpu()
+    gpu = detect_gpu(check_offload=False)  # offload support was just checked in this process
     if gpu is None:
         return 0
     return auto_gpu_layers(
@@ -154,12 +154,14 @@ def load_model(
     path = info.path.resolve()
     n_ctx = n_ctx or default_n_ctx(info)
     n_threads = n_threads or physical_cores()
-    layers = resolve_gpu_layers(n_gpu_layers, info, n_ctx)
     stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns, layers, n_ctx, n_threads, tuple(sorted(kwargs.items())))
+    # Keyed on what was asked ("auto"), not on what it resolves to: free VRAM shrinks by the loaded
+    # model's own share, so resolving again on a re-run would pick fewer layers and reload for nothing.
+    key = (str(path), stat.st_size, stat.st_mtime_ns, n_gpu_layers, n_ctx, n_threads, tuple(sorted(kwargs.items())))
     if _loaded["key"] == key:
         return _loaded["llm"]
-    unload_model()
+    unload_model()  # before measuring free VRAM for "auto"
+    layers = resolve_gpu_layers(n_gpu_layers, info, n_ctx)
     log: list[str] = []
     with captured_native_log(log, echo=verbose):
         try:
