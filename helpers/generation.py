@@ -95,6 +95,8 @@ def stream(
 
     A string prompt is a single user message. Setting `stop_event` ends the generation within one token.
     """
+    if _on_engine_thread():
+        raise RuntimeError("stream() cannot run on the llama-engine thread itself; call it from any other thread.")
     settings = settings or GenerationSettings()
     stats = stats if stats is not None else GenerationStats()
     prompt, stats.dropped_turns = fit_to_context(llm, as_messages(messages_or_prompt), settings.max_tokens, template)
@@ -105,8 +107,6 @@ def stream(
     pending, answer_started = "", False
     first = last = started = time.perf_counter()
     stats.finish_reason = "length"
-    if threading.current_thread().name.startswith("llama-engine"):
-        raise RuntimeError("stream() cannot run on the llama-engine thread itself; call it from any other thread.")
     tokens: queue.SimpleQueue = queue.SimpleQueue()
     halt = threading.Event()
     producer = _ENGINE.submit(_produce, llm, prompt, settings, stats.seed, stop_event, halt, tokens)
@@ -156,9 +156,13 @@ _ENGINE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-engine")
 _EOG = object()
 
 
+def _on_engine_thread() -> bool:
+    return threading.current_thread().name.startswith("llama-engine")
+
+
 def on_engine(function, *args):
     """Run `function(*args)` on the thread that runs llama.cpp, and return its result."""
-    if threading.current_thread().name.startswith("llama-engine"):
+    if _on_engine_thread():
         return function(*args)
     return _ENGINE.submit(function, *args).result()
 
