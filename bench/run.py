@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from helpers.catalogue import offline_model_path  # noqa: E402
-from helpers.generation import GenerationStats, on_engine, stream  # noqa: E402
+from helpers.generation import GenerationStats, stream  # noqa: E402
 from helpers.loading import load_model, unload_model  # noqa: E402
 from helpers.settings import GenerationSettings  # noqa: E402
 from helpers.templates import encode_chat  # noqa: E402
@@ -45,16 +45,17 @@ def helper_rate(llm, settings, messages=STORY) -> tuple[float, int]:
     return stats.tokens_per_second, stats.completion_tokens
 
 
-def raw_rate(llm, settings, messages=STORY) -> tuple[float, int]:
-    # On the thread that runs all llama.cpp work, as helpers.stream does (see helpers/generation.py).
-    return on_engine(_raw_rate, llm, settings, messages)
+def raw_rate(model, settings, messages=STORY) -> tuple[float, int]:
+    # On the thread that runs the model's llama.cpp work, as helpers.stream does (see helpers/model.py).
+    prompt = encode_chat(model, messages)
+    return model.run(lambda backend: _raw_rate(backend.llama, settings, prompt))
 
 
-def _raw_rate(llm, settings, messages):
+def _raw_rate(llm, settings, prompt):
     llm.reset()  # the helper evaluates the prompt afresh too
     times = []
     for chunk in llm.create_completion(
-        prompt=encode_chat(llm, messages),
+        prompt=prompt,
         max_tokens=settings.max_tokens,
         temperature=settings.temperature,
         top_p=settings.top_p,
@@ -111,7 +112,7 @@ def main() -> None:
 
     path = args.model or offline_model_path()
     layers = -1 if args.gpu else 0
-    settings = GenerationSettings(max_tokens=args.tokens, seed=1234)
+    settings = GenerationSettings(max_tokens=args.tokens, seed=1234, cache_prompt=False)
     rows = []
 
     llm = load_model(path, n_gpu_layers=layers)
@@ -137,7 +138,7 @@ def main() -> None:
     ttft = []
     for _ in range(args.rounds):
         stats = GenerationStats()
-        for _ in stream(llm, long_prompt, GenerationSettings(max_tokens=1, seed=1), stats=stats):
+        for _ in stream(llm, long_prompt, GenerationSettings(max_tokens=1, seed=1, cache_prompt=False), stats=stats):
             pass
         ttft.append(stats.time_to_first_token_s)
     rows.append(

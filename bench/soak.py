@@ -51,7 +51,7 @@ def main() -> int:
     args = parser.parse_args()
 
     llm = load_model(args.model or offline_model_path())
-    settings = GenerationSettings(max_tokens=32, seed=77)
+    settings = GenerationSettings(max_tokens=32, seed=77, cache_prompt=False)  # each run comparable with a fresh one
     fresh = {p: generate(llm, p, settings).text for p in PROMPTS}
 
     baseline = None

@@ -21,9 +21,13 @@ _EXPORTS = {
     "ensure_llama_cpp": "install",
     # loading
     "load_model": "loading",
+    "unload_model": "loading",
+    "as_model": "loading",
     "describe_model": "loading",
     "ModelLoadError": "loading",
     "physical_cores": "loading",
+    "Model": "model",
+    "ModelUnloadedError": "backend",
     # prompt templates
     "render_chat": "templates",
     "encode_chat": "templates",
@@ -50,7 +54,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     module = _EXPORTS.get(name)
     if module is None:
-        if name in _EXPORTS.values() or name in ("modelinfo", "demo"):
+        if name in _EXPORTS.values() or name in ("modelinfo", "demo", "fitting", "llama_backend"):
             return import_module(f"helpers.{name}")  # a submodule: helpers.gpu, helpers.ui, ...
         raise AttributeError(f"module 'helpers' has no attribute {name!r}")
     value = getattr(import_module(f"helpers.{module}"), name)

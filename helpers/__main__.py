@@ -26,11 +26,14 @@ def parse_args(argv):
     p.add_argument("--n-gpu-layers", default="auto")
     p.add_argument("--template", default=None, help="chat template name (default: chosen from the model)")
     for f in dataclasses.fields(GenerationSettings):
+        flag, default = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
         if f.name == "stop":
-            p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+            p.add_argument(flag, action="append", default=[], help="stop string (repeatable)")
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
-            kind = int if f.name in ("max_tokens", "top_k", "seed") else float
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=getattr(defaults, f.name))
+            kind = int if "int" in str(f.type) else float  # "int", "int | None" or "float"
+            p.add_argument(flag, type=kind, default=default)
     return p.parse_args(argv)
 
 

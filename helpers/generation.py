@@ -1,29 +1,32 @@
-"""Generation: stream text from a chat or a prompt, cancel within one token, and report honest statistics.
+"""Generation: stream text from a chat or a prompt, stop at any moment (mid-prompt too), reuse the KV cache of
+the previous prompt, and report honest statistics.
 
-Tokens come from `Llama.generate` on the exact token ids of `encode_chat`, so what the model sees is what
-the template says. Sampling is the library's own (same sampler chain and seed handling as
-`create_completion`); this module adds stop strings, UTF-8-safe streaming, context fitting and timing.
+Tokens come from the model's engine (`Model.complete`) on the exact token ids of `encode_chat`, so what the
+model sees is what the template says. Sampling is llama-cpp-python's own (same sampler chain and seed
+handling as `create_completion`); this module adds stop strings, UTF-8-safe streaming, context fitting,
+progress and timing.
 """
 
 from __future__ import annotations
 
 import codecs
-import queue
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from helpers.loading import ensure_usable
+from helpers.backend import ModelUnloadedError, PromptProgress
+from helpers.fitting import fit_to_context
+from helpers.loading import as_model
 from helpers.settings import GenerationSettings
-from helpers.templates import encode_chat, validate_dialog
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache of the previous generation (0 when fresh)
+    prompt_read: int = 0  # prompt tokens in the KV cache so far (cached ones included)
     completion_tokens: int = 0
     time_to_first_token_s: float = 0.0
     tokens_per_second: float = 0.0  # generation only: tokens after the first / time after the first
@@ -32,11 +35,17 @@ class GenerationStats:
     seed: int = 0
 
     def line(self) -> str:
+        cached = f" ({self.cached_tokens} from cache)" if self.cached_tokens else ""
         dropped = f" | {self.dropped_turns} oldest turns dropped" if self.dropped_turns else ""
+        if self.completion_tokens == 0 and self.finish_reason == "cancelled":
+            return (
+                f"{self.prompt_tokens} prompt tokens{cached} | stopped while reading the prompt "
+                f"({self.prompt_read} of {self.prompt_tokens} read) | finish: cancelled{dropped}"
+            )
+        speed = f"{self.tokens_per_second:.1f} tokens/s | " if self.completion_tokens > 1 else ""
         return (
-            f"{self.prompt_tokens} prompt tokens | {self.completion_tokens} generated | "
-            f"{self.tokens_per_second:.1f} tokens/s | first token after {self.time_to_first_token_s:.2f} s | "
-            f"finish: {self.finish_reason}{dropped}"
+            f"{self.prompt_tokens} prompt tokens{cached} | {self.completion_tokens} generated | {speed}"
+            f"first token after {self.time_to_first_token_s:.2f} s | finish: {self.finish_reason}{dropped}"
         )
 
 
@@ -52,23 +61,33 @@ def as_messages(messages_or_prompt) -> list[dict]:
     return list(messages_or_prompt)
 
 
-def fit_to_context(llm, messages: Sequence[dict], max_tokens: int, template: str | None = None):
-    """(token ids, dropped pairs): drop the oldest user/assistant pairs, keeping the system prompt and the
-    last user message, until prompt + max_tokens fit in the context."""
-    ensure_usable(llm)
-    dialog = validate_dialog(messages)
-    system = dialog[:1] if dialog[0]["role"] == "system" else []
-    turns = dialog[len(system) :]
-    n_ctx = llm.n_ctx()
-    for dropped in range(0, len(turns), 2):
-        tokens = encode_chat(llm, system + turns[dropped:], template)
-        if len(tokens) + max_tokens <= n_ctx:
-            return tokens, dropped // 2
-    raise ValueError(
-        f"The last message alone needs {len(tokens)} prompt tokens; with max_tokens={max_tokens} that exceeds the "
-        f"context of {n_ctx} tokens. Shorten the message or the system prompt, lower max_tokens, or load the "
-        "model with a larger n_ctx."
-    )
+class StopStrings:
+    """Text pieces in, text out: UTF-8 decoded across token boundaries, cut before the first stop string,
+    and holding back any end that could still become one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = stops
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending, self.started = "", False
+
+    def add(self, piece: bytes) -> tuple[str, bool]:
+        """(text that is final now, whether a stop string was reached)."""
+        self.pending += self.decoder.decode(piece)
+        if not self.started:  # Meta's decode drops the space SentencePiece puts before the answer
+            self.pending = self.pending.lstrip()
+            self.started = bool(self.pending)
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            ready, self.pending = self.pending[: min(hits)], ""
+            self.decoder.reset()  # what follows a stop string is dropped, incomplete characters included
+            return ready, True
+        keep = _held_back(self.pending, self.stops)
+        ready, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+        return ready, False
+
+    def flush(self) -> str:
+        rest, self.pending = self.pending + self.decoder.decode(b"", final=True), ""
+        return rest
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:
@@ -90,35 +109,43 @@ def stream(
     stop_event: threading.Event | None = None,
     template: str | None = None,
     stats: GenerationStats | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[str]:
     """Yield the answer's text pieces as they are produced; `stats` (if given) is filled in as it goes.
 
-    A string prompt is a single user message. Setting `stop_event` ends the generation within one token.
+    `llm` is a `helpers.Model` or a `llama_cpp.Llama`. A string prompt is a single user message. Setting
+    `stop_event` ends the generation within one token, or within one graph computation while the prompt is
+    read. `on_progress(done, total)` is called (in this thread) as prompt tokens are read.
     """
-    if _on_engine_thread():
-        raise RuntimeError("stream() cannot run on the llama-engine thread itself; call it from any other thread.")
+    model = as_model(llm)
     settings = settings or GenerationSettings()
     stats = stats if stats is not None else GenerationStats()
-    prompt, stats.dropped_turns = fit_to_context(llm, as_messages(messages_or_prompt), settings.max_tokens, template)
+    started = time.perf_counter()
+    stats.finish_reason = "cancelled"
+    fitted = fit_to_context(model, as_messages(messages_or_prompt), settings.max_tokens, template, stop_event)
+    if fitted is None:
+        return
+    prompt, stats.dropped_turns = fitted
     stats.prompt_tokens = len(prompt)
-    stats.seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**32)
+    stats.seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**32 - 1)
+    if stop_event is not None and stop_event.is_set():
+        return
 
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending, answer_started = "", False
-    first = last = started = time.perf_counter()
+    text = StopStrings(settings.stop)
+    first = last = started
     stats.finish_reason = "length"
-    tokens: queue.SimpleQueue = queue.SimpleQueue()
-    halt = threading.Event()
-    producer = _ENGINE.submit(_produce, llm, prompt, settings, stats.seed, stop_event, halt, tokens)
+    completion = model.complete(prompt, settings, stats.seed)
     try:
-        while (item := tokens.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            token, at = item
-            if stop_event is not None and stop_event.is_set():
-                stats.finish_reason = "cancelled"
+        while (item := completion.next_event(stop_event)) is not None:
+            event, at = item
+            if completion.cancelled:
                 break
-            if token is _EOG:
+            if isinstance(event, PromptProgress):
+                stats.prompt_read, stats.cached_tokens = event.done, event.cached
+                if on_progress is not None:
+                    on_progress(event.done, event.total)
+                continue
+            if event.end_of_generation:
                 stats.finish_reason = "stop"
                 break
             last = at
@@ -126,87 +153,22 @@ def stream(
             if stats.completion_tokens == 1:
                 first = at
                 stats.time_to_first_token_s = first - started
-            pending += decoder.decode(llm.detokenize([token]))
-            if not answer_started:  # Meta's decode drops the space SentencePiece puts before the answer
-                pending = pending.lstrip()
-                answer_started = bool(pending)
-            hits = [i for i in (pending.find(s) for s in settings.stop) if i >= 0]
-            if hits:
-                pending = pending[: min(hits)]
-                stats.finish_reason = "stop"
-                break
-            keep = _held_back(pending, settings.stop)
-            ready, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+            ready, stopped = text.add(event.piece)
             if ready:
                 yield ready
-        pending += decoder.decode(b"", final=True)
-        if pending:
-            yield pending
+            if stopped:
+                stats.finish_reason = "stop"
+                break
+        if rest := text.flush():
+            yield rest
     finally:
-        halt.set()
-        producer.result()  # llama.cpp is free again before anything else uses this model
+        completion.close()  # the engine is free again before anything else uses this model
+        if completion.cancelled and stats.finish_reason != "stop":
+            stats.finish_reason = "cancelled"
         if stats.completion_tokens > 1 and last > first:
             stats.tokens_per_second = (stats.completion_tokens - 1) / (last - first)
-
-
-# All llama.cpp work of this process runs on one thread. ggml's CPU backend keeps an OpenMP thread team
-# per calling thread, and an idle team keeps competing for the cores: after generating once from a second
-# thread (the widget panel's), every later generation was 20-30 % slower (measured: bench/run.py).
-_ENGINE = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-engine")
-_EOG = object()
-
-
-def _on_engine_thread() -> bool:
-    return threading.current_thread().name.startswith("llama-engine")
-
-
-def on_engine(function, *args):
-    """Run `function(*args)` on the thread that runs llama.cpp, and return its result."""
-    if _on_engine_thread():
-        return function(*args)
-    return _ENGINE.submit(function, *args).result()
-
-
-def _produce(llm, prompt, settings, seed, stop_event, halt, out):
-    """On the engine thread: sample tokens into `out` as (token, time), then None."""
-    import llama_cpp
-
-    try:
-        # Evaluate the prompt from scratch every time. Reusing the KV cache of an earlier prompt
-        # re-evaluates the last prompt token alone, which changes the logits in their last bits and so,
-        # sooner or later, the sampled text: the same seed would no longer give the same answer, and a
-        # cancelled generation would change the next one. Prompt processing is 20-60x faster than
-        # generation, so this costs little.
-        llm.reset()
-        llm.set_seed(seed)
-        vocab = llm._model.vocab
-        generated = 0
-        tokens = llm.generate(
-            prompt,
-            top_k=settings.top_k,
-            top_p=settings.top_p,
-            min_p=settings.min_p,
-            temp=settings.temperature,
-            repeat_penalty=settings.repeat_penalty,
-        )
-        try:
-            for token in tokens:
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
-                    out.put((_EOG, time.perf_counter()))
-                    break
-                out.put((token, time.perf_counter()))
-                generated += 1
-                if generated >= settings.max_tokens or halt.is_set():
-                    break
-                if stop_event is not None and stop_event.is_set():
-                    out.put((_EOG, time.perf_counter()))  # the consumer reports "cancelled" first
-                    break
-        finally:
-            tokens.close()
-    except BaseException as error:  # handed to the consumer, which raises it in the caller's thread
-        out.put(error)
-    finally:
-        out.put(None)
+    if completion.cancelled and model.closed:
+        raise ModelUnloadedError("The model was unloaded (closed, or replaced by load_model) while generating.")
 
 
 def generate(llm, messages_or_prompt, settings: GenerationSettings | None = None, **kwargs) -> Generation:

@@ -1,4 +1,5 @@
-"""Loading a GGUF with llama-cpp-python: better defaults, one cached model, quiet logs, clear errors.
+"""Loading a GGUF with llama-cpp-python into a `helpers.Model`: better defaults, one cached model, quiet
+logs, clear errors, and a failed load that leaves the previous model working.
 
 Defaults that differ from llama-cpp-python's: context = the model's training context capped at 4096
 (the library's is 512), threads = physical cores (the library's is cpu_count() // 2), and all layers on
@@ -7,12 +8,16 @@ the GPU when the build can offload and they fit.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import sys
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
+from helpers.backend import ModelUnloadedError  # noqa: F401  (re-exported: helpers.loading.ModelUnloadedError)
+from helpers.model import Model
 from helpers.modelinfo import ModelInfo, read_info
 
 MAX_DEFAULT_CTX = 4096
@@ -105,67 +110,83 @@ def _explain_failure(path: Path, info: ModelInfo, n_gpu_layers: int, n_ctx: int,
     return f"Could not load {path.name}: {cause}{detail}"
 
 
-_loaded: dict = {"key": None, "llm": None}  # the one model kept loaded, and the settings it was loaded with
+class LoadedModels:
+    """The cache of loaded models: the one model `load_model` keeps (keyed by file and settings), and the
+    `Model` wrapping each `llama_cpp.Llama` a user passed to a helper (held weakly: it goes with the Llama)."""
+
+    def __init__(self):
+        self.key: tuple | None = None
+        self.model: Model | None = None
+        self.recipe: dict | None = None  # how to load the kept model again
+        self.wrappers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+_cache = LoadedModels()
+atexit.register(lambda: unload_model())  # freed while llama_cpp still exists, not during interpreter teardown
+
+
+def as_model(llm) -> Model:
+    """`llm` itself if it is a `Model`; for a `llama_cpp.Llama` (a vocab-only one too), the `Model` that wraps
+    it, made once per Llama and left open while the Llama lives."""
+    if isinstance(llm, Model):
+        return llm
+    import llama_cpp
+
+    if not isinstance(llm, llama_cpp.Llama):
+        raise TypeError(f"Expected a model from helpers.load_model() or a llama_cpp.Llama, got {type(llm).__name__}.")
+    model = _cache.wrappers.get(llm)
+    if model is None or model.closed:
+        from helpers.llama_backend import LlamaCppBackend
+
+        model = Model(
+            LlamaCppBackend(llm, owned=False),
+            path=llm.model_path,
+            n_threads=llm.n_threads,
+            gpu_layers=llm.model_params.n_gpu_layers,
+        )
+        _cache.wrappers[llm] = model
+    return model
 
 
 def unload_model() -> None:
-    """Free the loaded model's memory now. Using it afterwards raises ModelUnloadedError (through the
-    helpers) instead of crashing inside llama.cpp."""
-    llm, _loaded["llm"], _loaded["key"] = _loaded["llm"], None, None
-    if llm is not None:
-        llm.unloaded = True
-        llm.close()
-
-
-class ModelUnloadedError(RuntimeError):
-    """The model was freed because another model (or other settings) was loaded."""
-
-
-def ensure_usable(llm) -> None:
-    if getattr(llm, "unloaded", False):
-        raise ModelUnloadedError(
-            "This model was unloaded when another model or other settings were loaded with load_model(); "
-            "use the new one (re-run the cells after the load cell)."
-        )
+    """Free the kept model's memory now (stopping any generation on it first). Using it afterwards raises
+    ModelUnloadedError instead of crashing inside llama.cpp."""
+    model, _cache.model, _cache.key, _cache.recipe = _cache.model, None, None, None
+    if model is not None:
+        model.close()
 
 
 def describe_model(llm) -> str:
     """One line about a loaded model for the notebook."""
-    if llm.gpu_layers < 0 or llm.gpu_layers > read_info(llm.model_path).n_layers:
-        where = "all layers on the GPU"
-    else:
-        where = f"{llm.gpu_layers} layers on the GPU" if llm.gpu_layers else "on the CPU"
-    return f"Loaded {Path(llm.model_path).name}: context {llm.n_ctx()} tokens, {llm.n_threads} threads, {where}."
+    return as_model(llm).describe()
 
 
-def load_model(
-    path,
-    *,
-    n_gpu_layers="auto",
-    n_ctx: int | None = None,
-    n_threads: int | None = None,
-    verbose: bool = False,
-    **kwargs,
-):
-    """A `llama_cpp.Llama` for `path`; the same file and settings again return the already loaded model."""
+def check_load_settings(n_gpu_layers, n_ctx, n_threads, info: ModelInfo) -> None:
+    """Raise ValueError for settings llama.cpp would reject or crash on, before anything is unloaded."""
+    if n_gpu_layers != "auto" and (isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int)):
+        raise ValueError(f'n_gpu_layers must be "auto", -1 (all layers) or a number of layers, got {n_gpu_layers!r}.')
+    if n_gpu_layers != "auto" and n_gpu_layers < -1:
+        raise ValueError(f"n_gpu_layers must be -1 (all layers) or more, got {n_gpu_layers}.")
+    limit = max(info.ctx_train, MAX_DEFAULT_CTX) * 8
+    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= limit):
+        raise ValueError(
+            f"n_ctx must be an integer from 16 to {limit} (8x the model's training context of {info.ctx_train}), "
+            f"or None for the default; got {n_ctx!r}."
+        )
+    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
+        raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}.")
+
+
+def _load(path: Path, info: ModelInfo, *, n_gpu_layers, n_ctx, n_threads, verbose, kwargs) -> Model:
     import llama_cpp
 
-    info = read_info(path)  # checks the file is there and is a GGUF
-    path = info.path.resolve()
-    n_ctx = n_ctx or default_n_ctx(info)
-    n_threads = n_threads or physical_cores()
-    stat = path.stat()
-    # Keyed on what was asked ("auto"), not on what it resolves to: free VRAM shrinks by the loaded
-    # model's own share, so resolving again on a re-run would pick fewer layers and reload for nothing.
-    key = (str(path), stat.st_size, stat.st_mtime_ns, n_gpu_layers, n_ctx, n_threads, tuple(sorted(kwargs.items())))
-    if _loaded["key"] == key:
-        return _loaded["llm"]
-    unload_model()  # before measuring free VRAM for "auto"
+    from helpers.llama_backend import LlamaCppBackend
+
     layers = resolve_gpu_layers(n_gpu_layers, info, n_ctx)
     log: list[str] = []
     with captured_native_log(log, echo=verbose):
         try:
-            llm = llama_cpp.Llama(
+            llama = llama_cpp.Llama(
                 model_path=str(path),
                 n_gpu_layers=layers,
                 n_ctx=n_ctx,
@@ -176,6 +197,45 @@ def load_model(
             )
         except ValueError as error:
             raise ModelLoadError(_explain_failure(path, info, layers, n_ctx, log)) from error
-    llm.gpu_layers = layers  # what "auto" chose, for display
-    _loaded["key"], _loaded["llm"] = key, llm
-    return llm
+    backend = LlamaCppBackend(llama, owned=True)
+    return Model(backend, path=path, n_threads=n_threads, gpu_layers=layers, n_layers=info.n_layers)
+
+
+def load_model(
+    path,
+    *,
+    n_gpu_layers="auto",
+    n_ctx: int | None = None,
+    n_threads: int | None = None,
+    verbose: bool = False,
+    **kwargs,
+) -> Model:
+    """A `helpers.Model` for `path`; the same file and settings again return the already loaded model.
+
+    Loading another file or other settings first stops and frees the previous model (memory for two is
+    rarely there). If the new one then fails to load, the previous one is loaded again, so the model you
+    had keeps working.
+    """
+    info = read_info(path)  # checks the file is there, is a GGUF, and holds all its tensor data
+    check_load_settings(n_gpu_layers, n_ctx, n_threads, info)
+    path = info.path.resolve()
+    n_ctx = n_ctx or default_n_ctx(info)
+    n_threads = n_threads or physical_cores()
+    stat = path.stat()
+    # Keyed on what was asked ("auto"), not on what it resolves to: free VRAM shrinks by the loaded
+    # model's own share, so resolving again on a re-run would pick fewer layers and reload for nothing.
+    key = (str(path), stat.st_size, stat.st_mtime_ns, n_gpu_layers, n_ctx, n_threads, tuple(sorted(kwargs.items())))
+    if _cache.key == key and _cache.model is not None and not _cache.model.closed:
+        return _cache.model
+    recipe = dict(n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose, kwargs=kwargs)
+    previous, previous_key, previous_recipe = _cache.model, _cache.key, _cache.recipe
+    unload_model()  # before measuring free VRAM for "auto"
+    try:
+        model = _load(path, info, **recipe)
+    except BaseException:
+        if previous is not None:
+            previous._reopen(_load(previous.path, read_info(previous.path), **previous_recipe)._backend)
+            _cache.model, _cache.key, _cache.recipe = previous, previous_key, previous_recipe
+        raise
+    _cache.model, _cache.key, _cache.recipe = model, key, recipe
+    return model

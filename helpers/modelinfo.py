@@ -96,6 +96,17 @@ class _Header:
         raise ValueError(f"unknown GGUF value type {kind}")
 
 
+def _tensor_bytes(kind: int, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of ggml type `kind` (0 for a type this gguf package does not know)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+        return 0
+    return math.prod(shape) // block * size
+
+
 def read_header(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
     """(metadata scalars, [(tensor name, shape), ...]) of a GGUF file."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -111,12 +122,20 @@ def read_header(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
             for _ in range(n_kv):
                 key = header.string()
                 metadata[key] = header.value(header.take("I"))
-            tensors = []
+            tensors, data_end = [], 0
             for _ in range(n_tensors):
                 name = header.string()
                 shape = tuple(header.take("Q") for _ in range(header.take("I")))
-                header.take("I"), header.take("Q")  # type, offset
+                kind, offset = header.take("I"), header.take("Q")
                 tensors.append((name, shape))
+                data_end = max(data_end, offset + _tensor_bytes(kind, shape))
+            alignment = int(metadata.get("general.alignment") or 32)
+            needed = -(-header.pos // alignment) * alignment + data_end
+            if n_tensors and needed > len(data):
+                raise DamagedModelError(
+                    f"{path} is truncated: its tensors need {needed:,} bytes but the file has {len(data):,}. "
+                    "Delete it and download it again."
+                )
         except (struct.error, ValueError, UnicodeError) as error:
             if isinstance(error, NotGGUFError | DamagedModelError):
                 raise

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers.generation import GenerationStats, on_engine, stream
-from helpers.loading import captured_native_log, load_model, physical_cores, unload_model
+from helpers.generation import GenerationStats, stream
+from helpers.loading import as_model, captured_native_log, load_model, physical_cores, unload_model
 from helpers.modelinfo import read_info
 from helpers.settings import GenerationSettings
 
@@ -52,22 +52,24 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 def token_nlls(llm, tokens: list[int]) -> np.ndarray:
     """Negative log-likelihood of tokens[1:], each given the ones before it (one window; needs logits_all)."""
 
-    def evaluate():
-        llm.reset()
-        llm.eval(tokens)
-        return np.array(llm.scores[: len(tokens) - 1])
+    def evaluate(backend):
+        llama = backend.llama
+        llama.reset()
+        llama.eval(tokens)
+        return np.array(llama.scores[: len(tokens) - 1])
 
-    logprobs = _log_softmax(on_engine(evaluate))
+    logprobs = _log_softmax(as_model(llm).run(evaluate))
     return -logprobs[np.arange(len(tokens) - 1), tokens[1:]]
 
 
 def perplexity(llm, text: str = EVAL_TEXT, window: int | None = None) -> float:
     """exp(mean NLL) over consecutive windows of `window` tokens (default: the context size).
     The model must be loaded with logits_all=True."""
-    if not getattr(llm, "_logits_all", False):
+    model = as_model(llm)
+    if not model.backend.logits_all:
         raise ValueError("perplexity needs every position's logits: load the model with logits_all=True.")
-    window = window or llm.n_ctx()
-    tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)
+    window = window or model.n_ctx()
+    tokens = model.llama.tokenize(text.encode("utf-8"), add_bos=True)
     nlls = [token_nlls(llm, tokens[i : i + window]) for i in range(0, len(tokens) - 1, window)]
     nlls = [n for n in nlls if len(n)]
     return float(np.exp(np.concatenate(nlls).mean()))
@@ -92,7 +94,9 @@ def measure(path: Path, *, text: str, n_ctx: int, gen_tokens: int, n_gpu_layers)
     load_s = time.perf_counter() - start
     stats = GenerationStats()
     prompt = [{"role": "user", "content": "Continue this text: " + text[:1500]}]
-    for _ in stream(llm, prompt, GenerationSettings(max_tokens=gen_tokens, seed=1, temperature=0.0), stats=stats):
+    for _ in stream(
+        llm, prompt, GenerationSettings(max_tokens=gen_tokens, seed=1, temperature=0.0, cache_prompt=False), stats=stats
+    ):
         pass
     unload_model()
     scorer = load_model(path, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, logits_all=True)

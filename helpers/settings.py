@@ -26,6 +26,13 @@ class GenerationSettings:
     seed: int | None = None  # 0..2**32-1, or None for a fresh random seed each time
     stop: tuple[str, ...] = field(default_factory=tuple)  # generation ends before any of these strings
 
+    # --- speed ------------------------------------------------------------------------------------
+    # Reuse the KV cache of the previous prompt and answer (llama.cpp server's name): only the tokens after
+    # the longest common prefix are evaluated. Batched and single-token evaluation round differently, so a
+    # cached run can diverge from a fresh one after a while; False evaluates every prompt afresh, and the
+    # same seed then always gives the same text.
+    cache_prompt: bool = True
+
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
@@ -65,6 +72,8 @@ def validate(settings: GenerationSettings) -> None:
     for s in settings.stop:
         if not isinstance(s, str) or not s:
             raise ValueError(f"stop must hold non-empty strings, got {s!r}.")
+    if not isinstance(settings.cache_prompt, bool):
+        raise ValueError(f"cache_prompt must be True or False, got {settings.cache_prompt!r}.")
 
 
 PRESETS = {

@@ -17,6 +17,9 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from helpers.loading import as_model
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -29,7 +32,9 @@ Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 def validate_dialog(messages: Sequence[Message]) -> list[Message]:
     """Check the shape Llama 2 chat requires: [system], user, assistant, user, ..., user."""
-    if isinstance(messages, (str, bytes)) or not messages:
+    if isinstance(messages, (str, bytes)):
+        raise ValueError("Pass the dialog as a list of {'role', 'content'} messages, not a string.")
+    if not messages:
         raise ValueError("The dialog is empty: pass a list of {'role', 'content'} messages ending with a user message.")
     dialog = []
     for i, message in enumerate(messages):
@@ -56,12 +61,17 @@ def validate_dialog(messages: Sequence[Message]) -> list[Message]:
     return dialog
 
 
+def merge_system(system: str, first_user: str) -> str:
+    """Meta's merge of a system prompt into the first user message."""
+    return B_SYS + system + E_SYS + first_user
+
+
 def _llama2_turns(messages: Sequence[Message]) -> tuple[list[tuple[str, str]], str]:
     """Meta's merge: ([(user, answer), ...], last_user), contents stripped as Meta strips them."""
     dialog = validate_dialog(messages)
     if dialog[0]["role"] == "system":
         first = dialog[1]
-        dialog = [{"role": "user", "content": B_SYS + dialog[0]["content"] + E_SYS + first["content"]}] + dialog[2:]
+        dialog = [{"role": "user", "content": merge_system(dialog[0]["content"], first["content"])}] + dialog[2:]
     pairs = [(u["content"].strip(), a["content"].strip()) for u, a in zip(dialog[:-1:2], dialog[1::2])]
     return pairs, dialog[-1]["content"].strip()
 
@@ -81,19 +91,28 @@ def render_llama2(messages: Sequence[Message]) -> str:
     return text + BOS_TEXT + llama2_last_text(last)
 
 
-def encode_llama2(llm, messages: Sequence[Message]) -> list[int]:
+def llama2_pair_tokens(model, user: str, answer: str) -> list[int]:
+    """One finished turn as Meta encodes it: BOS, `[INST] user [/INST] answer `, EOS (contents stripped)."""
+    return [model.token_bos(), *_plain(model, llama2_pair_text(user.strip(), answer.strip())), model.token_eos()]
+
+
+def llama2_last_tokens(model, user: str) -> list[int]:
+    """The final user turn as Meta encodes it: BOS, `[INST] user [/INST]`."""
+    return [model.token_bos(), *_plain(model, llama2_last_text(user.strip()))]
+
+
+def encode_llama2(model, messages: Sequence[Message]) -> list[int]:
     """The token ids Meta's `chat_completion` feeds Llama 2: one BOS per turn, EOS after each answer."""
     pairs, last = _llama2_turns(messages)
-    bos, eos = llm.token_bos(), llm.token_eos()
     tokens: list[int] = []
     for user, answer in pairs:
-        tokens += [bos, *_plain(llm, llama2_pair_text(user, answer)), eos]
-    return tokens + [bos, *_plain(llm, llama2_last_text(last))]
+        tokens += llama2_pair_tokens(model, user, answer)
+    return tokens + llama2_last_tokens(model, last)
 
 
-def _plain(llm, text: str) -> list[int]:
+def _plain(model, text: str) -> list[int]:
     """Tokenize as plain text: control-token spellings stay text."""
-    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+    return model.tokenize(text, special=False)
 
 
 # --- templates embedded in the GGUF (Hugging Face's Jinja rendering) -----------------------------
@@ -112,14 +131,14 @@ def _jinja_environment():
     return env
 
 
-def _token_text(llm, token_id: int) -> str:
+def _token_text(model, token_id: int) -> str:
     if token_id < 0:
         return ""
-    return llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+    return model.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
 
-def _render_embedded(llm, messages: Sequence[Message], content_of: Callable[[str], str]) -> str:
-    template = llm.metadata.get("tokenizer.chat_template")
+def _render_embedded(model, messages: Sequence[Message], content_of: Callable[[str], str]) -> str:
+    template = model.metadata.get("tokenizer.chat_template")
     if not template:
         raise ValueError(
             "This model has no chat template in its GGUF metadata; pass template='llama-2' or a known name."
@@ -131,32 +150,29 @@ def _render_embedded(llm, messages: Sequence[Message], content_of: Callable[[str
         .render(
             messages=dialog,
             add_generation_prompt=True,
-            bos_token=_token_text(llm, llm.token_bos()),
-            eos_token=_token_text(llm, llm.token_eos()),
+            bos_token=_token_text(model, model.token_bos()),
+            eos_token=_token_text(model, model.token_eos()),
         )
     )
 
 
-def render_embedded(llm, messages: Sequence[Message]) -> str:
+def render_embedded(model, messages: Sequence[Message]) -> str:
     validate_dialog(messages)
-    return _render_embedded(llm, messages, content_of=lambda c: c)
+    return _render_embedded(model, messages, content_of=lambda c: c)
 
 
-def encode_embedded(llm, messages: Sequence[Message]) -> list[int]:
+def encode_embedded(model, messages: Sequence[Message]) -> list[int]:
     """Tokenize the rendered template as llama.cpp would (control tokens split out first, the text between
     them tokenized as one piece), except that control-token spellings inside message content stay text."""
-    import llama_cpp
-
     dialog = validate_dialog(messages)
     mark = f"\x00{uuid.uuid4().hex}\x00"
-    parts = _render_embedded(llm, dialog, content_of=lambda c: mark).split(mark)
+    parts = _render_embedded(model, dialog, content_of=lambda c: mark).split(mark)
     # The control tokens the template itself writes, by spelling.
-    special_attrs = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
     specials = {}
     for part in parts:
-        for token in llm.tokenize(part.encode("utf-8"), add_bos=False, special=True):
-            if llm._model.token_get_attr(token) & special_attrs:
-                specials[_token_text(llm, token)] = token
+        for token in model.tokenize(part, special=True):
+            if model.is_control(token):
+                specials[_token_text(model, token)] = token
     pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) or "(?!)")
 
     tokens: list[int] = []
@@ -169,24 +185,30 @@ def encode_embedded(llm, messages: Sequence[Message]) -> list[int]:
         for match in pattern.finditer(part):
             text += part[position : match.start()]
             if text:
-                tokens += _plain(llm, text)
+                tokens += _plain(model, text)
                 text = ""
             tokens.append(specials[match.group()])
             position = match.end()
         text += part[position:]
     if text:
-        tokens += _plain(llm, text)
-    if llm._model.add_bos_token() and tokens[:1] != [llm.token_bos()]:
-        tokens.insert(0, llm.token_bos())
+        tokens += _plain(model, text)
+    if model.add_bos and tokens[:1] != [model.token_bos()]:
+        tokens.insert(0, model.token_bos())
     return tokens
 
 
 # --- registry -------------------------------------------------------------------------------------
 
+
+@dataclass(frozen=True)
+class Template:
+    render: Callable  # (model, messages) -> str: the prompt as text
+    encode: Callable  # (model, messages) -> list[int]: the token ids fed to the model
+
+
 TEMPLATES = {
-    # name: (render(llm, messages) -> str, encode(llm, messages) -> list[int])
-    "llama-2": (lambda llm, messages: render_llama2(messages), encode_llama2),
-    "gguf": (render_embedded, encode_embedded),
+    "llama-2": Template(render=lambda model, messages: render_llama2(messages), encode=encode_llama2),
+    "gguf": Template(render=render_embedded, encode=encode_embedded),
 }
 
 
@@ -194,7 +216,7 @@ def available_templates() -> list[str]:
     return sorted(TEMPLATES)
 
 
-def _lookup(template: str):
+def _lookup(template: str) -> Template:
     try:
         return TEMPLATES[template]
     except KeyError:
@@ -208,10 +230,11 @@ _LLAMA2_NAME = re.compile(r"llama[ _-]*v?2", re.IGNORECASE)
 
 def template_for(llm) -> str:
     """The template a model needs: Llama 2's for Llama 2 models, else the one in its GGUF."""
-    meta = llm.metadata
+    model = as_model(llm)
+    meta = model.metadata
     name = " ".join(meta.get(key, "") for key in ("general.name", "general.basename", "general.finetune"))
     is_llama2 = meta.get("general.architecture") == "llama" and (
-        _LLAMA2_NAME.search(name) or ("tokenizer.chat_template" not in meta and llm.n_vocab() == 32000)
+        _LLAMA2_NAME.search(name) or ("tokenizer.chat_template" not in meta and model.n_vocab() == 32000)
     )
     if is_llama2:
         return "llama-2"
@@ -229,9 +252,10 @@ def render_chat(messages: Sequence[Message], template: str = "llama-2", llm=None
         return render_llama2(messages)
     if llm is None:
         raise ValueError(f"Template {template!r} comes from a model: pass llm=.")
-    return _lookup(template)[0](llm, messages)
+    return _lookup(template).render(as_model(llm), messages)
 
 
 def encode_chat(llm, messages: Sequence[Message], template: str | None = None) -> list[int]:
     """The token ids fed to the model; `template=None` picks the template from the model."""
-    return _lookup(template or template_for(llm))[1](llm, messages)
+    model = as_model(llm)
+    return _lookup(template or model.template).encode(model, messages)

@@ -1,5 +1,5 @@
 """The interactive chat panel: prompt, system prompt, sampling controls with presets, Generate/Stop/Clear,
-the streamed answer, a stats line and the chat history.
+the streamed answer, prompt-reading progress, a stats line and the chat history.
 
 Generation runs in a worker thread, so the kernel keeps handling widget events and Stop works; the answer
 widget is updated in batches (every `FLUSH_SECONDS`), not per token. Core ipywidgets only, and nothing
@@ -65,6 +65,9 @@ class ChatPanel:
         self.stop_strings = w.Text(
             value=", ".join(settings.stop), description="Stop", placeholder="comma-separated", **label
         )
+        self.cache_prompt = w.Checkbox(
+            value=settings.cache_prompt, description="Reuse the previous prompt's KV cache (faster follow-ups)"
+        )
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
         self.clear_button = w.Button(description="Clear", icon="trash")
@@ -80,7 +83,7 @@ class ChatPanel:
         self.stop_button.on_click(lambda _: self._stop.set())
         self.clear_button.on_click(lambda _: self.clear())
 
-        sampling = w.VBox([self.preset, *self.controls.values(), self.seed, self.stop_strings])
+        sampling = w.VBox([self.preset, *self.controls.values(), self.seed, self.stop_strings, self.cache_prompt])
         settings_box = w.Accordion(children=[w.VBox([self.system, sampling])])
         settings_box.set_title(0, "System prompt and sampling")
         settings_box.selected_index = None
@@ -113,7 +116,9 @@ class ChatPanel:
             raise ValueError(f"seed must be an integer in [0, {2**32 - 1}] or empty for random, got {seed!r}.")
         stops = tuple(s for s in (part.strip() for part in self.stop_strings.value.split(",")) if s)
         values = {name: control.value for name, control in self.controls.items()}
-        return GenerationSettings(**values, seed=int(seed) if seed else None, stop=stops)
+        return GenerationSettings(
+            **values, seed=int(seed) if seed else None, stop=stops, cache_prompt=self.cache_prompt.value
+        )
 
     def messages(self) -> list[dict]:
         system = [{"role": "system", "content": self.system.value}] if self.system.value.strip() else []
@@ -137,7 +142,7 @@ class ChatPanel:
         self._stop.clear()
         self.generate_button.disabled, self.stop_button.disabled = True, False
         self.answer.value = _pre("")
-        self.stats.value = "<i>generating...</i>"
+        self.stats.value = "<i>reading the prompt...</i>"
         self.thread = threading.Thread(target=self._run, args=(messages, settings), daemon=True)
         self.thread.start()
         return True
@@ -146,7 +151,13 @@ class ChatPanel:
         stats, text, shown = GenerationStats(), "", 0.0
         try:
             for piece in stream(
-                self.llm, messages, settings, stop_event=self._stop, stats=stats, template=self.template
+                self.llm,
+                messages,
+                settings,
+                stop_event=self._stop,
+                stats=stats,
+                template=self.template,
+                on_progress=self._show_progress,
             ):
                 text += piece
                 now = time.perf_counter()
@@ -165,6 +176,12 @@ class ChatPanel:
         finally:
             self.generate_button.disabled, self.stop_button.disabled = False, True
             self._busy.release()
+
+    def _show_progress(self, done: int, total: int) -> None:
+        if done < total:
+            self.stats.value = f"<i>reading the prompt: {done:,} / {total:,} tokens</i>"
+        else:
+            self.stats.value = "<i>generating...</i>"
 
     def wait(self, timeout: float | None = None) -> None:
         if self.thread is not None:

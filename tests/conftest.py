@@ -31,7 +31,9 @@ def llama2_vocab():
 
     if not VOCAB.is_file():
         pytest.fail(f"{VOCAB} is missing: run `make test` (it fetches it with tests/fetch_vocab.py).")
-    return llama_cpp.Llama(model_path=str(VOCAB), vocab_only=True, verbose=False)
+    llama = llama_cpp.Llama(model_path=str(VOCAB), vocab_only=True, verbose=False)
+    yield llama
+    llama.close()
 
 
 def pytest_collection_modifyitems(config, items):

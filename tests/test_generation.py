@@ -15,11 +15,12 @@ CHAT = [
 ]
 
 
-def library_text(llm, messages, settings):
+def library_text(model, messages, settings):
     """llama-cpp-python's own completion on a fresh context (no KV prefix from the previous call)."""
+    llm = model.llama
     llm.reset()
     out = llm.create_completion(
-        prompt=encode_chat(llm, messages),
+        prompt=encode_chat(model, messages),
         max_tokens=settings.max_tokens,
         temperature=settings.temperature,
         top_p=settings.top_p,
@@ -33,7 +34,7 @@ def library_text(llm, messages, settings):
 
 @pytest.mark.parametrize("seed,temperature", [(7, 0.6), (123, 1.0), (5, 0.0)])
 def test_text_matches_create_completion(smol, seed, temperature):
-    settings = GenerationSettings(max_tokens=48, seed=seed, temperature=temperature)
+    settings = GenerationSettings(max_tokens=48, seed=seed, temperature=temperature, cache_prompt=False)
     result = generate(smol, CHAT, settings)
     text, finish, usage = library_text(smol, CHAT, settings)
     assert result.text == text.lstrip()
@@ -43,7 +44,7 @@ def test_text_matches_create_completion(smol, seed, temperature):
 
 
 def test_same_seed_same_text_and_stream_equals_generate(smol):
-    settings = GenerationSettings(max_tokens=40, seed=42, temperature=0.9)
+    settings = GenerationSettings(max_tokens=40, seed=42, temperature=0.9, cache_prompt=False)
     first = generate(smol, CHAT, settings).text
     pieces = list(stream(smol, CHAT, settings))
     assert len(pieces) > 5
@@ -71,7 +72,7 @@ def test_max_tokens_gives_length(smol):
 
 
 def test_stop_string_ends_before_it(smol):
-    settings = GenerationSettings(max_tokens=60, seed=11, temperature=0.0)
+    settings = GenerationSettings(max_tokens=60, seed=11, temperature=0.0, cache_prompt=False)
     full = generate(smol, CHAT, settings).text
     words = full.split()
     stop = " ".join(words[4:6])
@@ -82,7 +83,7 @@ def test_stop_string_ends_before_it(smol):
 
 
 def test_plain_string_is_a_single_user_message(smol):
-    settings = GenerationSettings(max_tokens=12, seed=2)
+    settings = GenerationSettings(max_tokens=12, seed=2, cache_prompt=False)
     assert (
         generate(smol, "Name a colour.", settings).text
         == generate(smol, [{"role": "user", "content": "Name a colour."}], settings).text
@@ -90,8 +91,7 @@ def test_plain_string_is_a_single_user_message(smol):
 
 
 def test_cancel_within_one_token_then_next_is_unaffected(smol):
-    settings = GenerationSettings(max_tokens=64, seed=9)
-    smol.reset()
+    settings = GenerationSettings(max_tokens=64, seed=9, cache_prompt=False)
     fresh = generate(smol, CHAT, settings)
 
     stop = threading.Event()
@@ -116,6 +116,8 @@ def test_cancel_before_start(smol):
     stop.set()
     result = generate(smol, CHAT, GenerationSettings(max_tokens=30, seed=1), stop_event=stop)
     assert result.text == "" and result.stats.finish_reason == "cancelled"
+    assert (result.stats.completion_tokens, result.stats.tokens_per_second) == (0, 0.0)
+    assert "tokens/s" not in result.stats.line() and "first token" not in result.stats.line()
 
 
 def test_old_turns_dropped_to_fit_context(smol_path):
@@ -173,4 +175,7 @@ def test_settings_defaults_follow_meta_and_presets_are_valid():
     assert GenerationSettings(stop="###").stop == ("###",)
     with pytest.raises(ValueError, match="stop must hold non-empty strings"):
         GenerationSettings(stop=("",))
+    assert defaults.cache_prompt is True
+    with pytest.raises(ValueError, match="cache_prompt must be True or False, got 1"):
+        GenerationSettings(cache_prompt=1)
     assert set(PRESETS) == {"Precise", "Balanced", "Creative"}

@@ -11,8 +11,9 @@ from helpers.loading import load_model, unload_model
 from helpers.quantization import EVAL_TEXT, compare_quantizations, make_variants, perplexity, plot
 
 
-def reference_perplexity(llm, text, window):
+def reference_perplexity(model, text, window):
     """One token at a time, logits read straight from llama.cpp, log-softmax in float64 by hand."""
+    llm = model.llama
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)
     n_vocab = llm.n_vocab()
     nll = []

@@ -19,6 +19,7 @@ def panel(smol):
     p = ui.panel
     p.controls["max_tokens"].value = 40
     p.seed.value = "5"
+    p.cache_prompt.value = False  # each answer comparable token for token with a fresh generate()
     return p
 
 
@@ -88,7 +89,40 @@ def test_follow_up_uses_the_history(panel, smol):
     panel.generate_button.click()
     panel.wait(60)
     assert len(panel.history) == 4
-    assert panel.last_stats.prompt_tokens > len(smol.tokenize(first_answer.encode(), add_bos=False))
+    assert panel.last_stats.prompt_tokens > len(smol.tokenize(first_answer))
+
+
+def test_stop_while_the_prompt_is_read(panel):
+    import re
+
+    panel.prompt.value = "Summarise: " + "The tide rises and falls twice a day along the coast. " * 140
+    seen = []
+    panel.stats.observe(lambda change: seen.append(change["new"]), names="value")
+    panel.generate_button.click()
+    deadline = time.time() + 60
+    while not any(re.search(r"reading the prompt: [1-9][\d,]* / ", v) for v in seen) and time.time() < deadline:
+        time.sleep(0.01)
+    panel.stop_button.click()
+    clicked = time.perf_counter()
+    panel.wait(30)
+    stats = panel.last_stats
+    assert stats.finish_reason == "cancelled" and stats.completion_tokens == 0
+    assert 0 < stats.prompt_read < stats.prompt_tokens  # stopped in the middle of the prompt
+    assert time.perf_counter() - clicked < 5  # reading the whole prompt takes about 7 s here
+    assert "stopped while reading the prompt" in panel.stats.value and "tokens/s" not in panel.stats.value
+    assert panel.history == [] and panel.prompt.value.startswith("Summarise")
+    assert not panel.generate_button.disabled and panel.stop_button.disabled
+
+
+def test_follow_up_reports_the_prompt_cache(panel):
+    panel.cache_prompt.value = True
+    panel.prompt.value = "My name is Ada. Say hello."
+    panel.generate_button.click()
+    panel.wait(60)
+    panel.prompt.value = "What is my name?"
+    panel.generate_button.click()
+    panel.wait(60)
+    assert panel.last_stats.cached_tokens > 20 and "from cache" in panel.stats.value
 
 
 def test_double_click_starts_one_generation(panel):
@@ -135,7 +169,7 @@ def test_presets_and_clear(panel):
 
 
 def test_settings_from_controls():
-    settings = GenerationSettings(max_tokens=7, seed=3, stop=("###",))
+    settings = GenerationSettings(max_tokens=7, seed=3, stop=("###",), cache_prompt=False)
     p = build_ui(None, settings=settings).panel
     assert p.settings() == settings
 
