@@ -6,7 +6,9 @@ STAMP  := $(VENV)/.installed
 VOCAB  := tests/data/ggml-vocab-llama-spm.gguf
 COLAB  := tests/data/colab-kernel
 
-.PHONY: setup demo test test-browser lint format lab bench clean
+LLAMA2_7B := quantized/llama2-7b-shaped.Q4_K_M.gguf
+
+.PHONY: setup demo test test-browser lint format lab bench bench-7b clean
 
 setup: $(STAMP)
 
@@ -54,6 +56,15 @@ lab: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Llama 2 7B's architecture and vocabulary with random weights (4.1 GB, about 4 minutes once), then the
+# figures at that scale (about 15 minutes on 2 cores). Benchmarks only: the file's text is gibberish.
+$(LLAMA2_7B): | $(STAMP) $(VOCAB)
+	$(BIN)/python bench/make_llama2_gguf.py $@ --quant Q4_K_M
+
+bench-7b: $(LLAMA2_7B)
+	$(BIN)/python bench/scale.py --model $(LLAMA2_7B)
+	$(BIN)/python bench/fitting.py
 
 clean:
 	rm -rf $(VENV) tests/data .pytest_cache test-artifacts quantized

@@ -43,19 +43,19 @@ ANSWER = (
 
 
 def rss() -> dict[str, float]:
+    """Resident memory now and at its peak, in GB (the catalogue's unit)."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-    return {key: int(status[key].split()[0]) / 2**20 for key in ("VmRSS", "VmHWM")}  # GiB
+    return {key: int(status[key].split()[0]) * 1024 / 1e9 for key in ("VmRSS", "VmHWM")}
 
 
 def chat(turns: int, words: int) -> list[dict]:
-    """A system prompt and `turns` user messages of about `words` words, with answers between them."""
+    """A system prompt and `turns` user messages (of about `words` words, the last one a short follow-up),
+    with answers between them."""
     dialog = [{"role": "system", "content": "You are a helpful assistant who answers in detail."}]
-    for turn in range(turns):
+    for turn in range(turns - 1):
         question = f"Question {turn + 1}: " + " ".join(f"tell me about tides, part {i}." for i in range(words // 6))
-        dialog.append({"role": "user", "content": question})
-        if turn < turns - 1:
-            dialog.append({"role": "assistant", "content": ANSWER * 2})
-    return dialog
+        dialog += [{"role": "user", "content": question}, {"role": "assistant", "content": ANSWER * 2}]
+    return dialog + [{"role": "user", "content": "And what does the moon have to do with it?"}]
 
 
 def leave_turn_in_cache(model, dialog: list[dict]) -> None:
@@ -64,7 +64,7 @@ def leave_turn_in_cache(model, dialog: list[dict]) -> None:
     previous = dialog[:-2]
     generate(model, previous, GenerationSettings(max_tokens=1, seed=1, cache_prompt=False))
     prompt = model.encode_chat(previous)
-    answer = model.tokenize(" " + dialog[-2]["content"].strip())
+    answer = model.tokenize(dialog[-2]["content"].strip())  # as sampled after "[/INST]": "▁Here", "▁is", ...
 
     def evaluate(backend):
         llama = backend.llama
@@ -166,9 +166,9 @@ def memory_probe(path: Path, use_mmap: bool, words: int) -> dict:
     prompt = "Summarise: " + "The tide rises and falls twice a day along the coast. " * (words // 11)
     result = generate(model, prompt, GenerationSettings(max_tokens=32, seed=1, cache_prompt=False))
     return {
-        "after_load_gib": loaded["VmRSS"],
+        "after_load_gb": loaded["VmRSS"],
         "load_s": loaded["load_s"],
-        "peak_gib": rss()["VmHWM"],
+        "peak_gb": rss()["VmHWM"],
         "tokens_per_s": result.stats.tokens_per_second,
     }
 
@@ -183,14 +183,14 @@ def main() -> None:
     parser.add_argument("--probe", choices=["mmap", "no-mmap"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        print(json.dumps(memory_probe(args.model, args.probe == "mmap", 2000)))
+        print(json.dumps(memory_probe(args.model, args.probe == "mmap", 500)))
         return
 
     rows = []
     model = load_model(args.model)
     rows.append(("model", args.model.name, model.describe()))
 
-    five = chat(turns=5, words=150)
+    five = chat(turns=5, words=110)
     leave_turn_in_cache(model, five)
     cached = time_to_first_token(model, five, cache_prompt=True)
     fresh = time_to_first_token(model, five, cache_prompt=False)
@@ -216,7 +216,7 @@ def main() -> None:
         )
     ]
 
-    dialog = chat(turns=1, words=400)
+    dialog = [{"role": "user", "content": chat(turns=2, words=330)[1]["content"]}]
     helper, bare = [], []
     for _ in range(args.rounds):
         helper.append(helper_rates(model, dialog, args.tokens))
@@ -266,8 +266,8 @@ def main() -> None:
         rows += [
             (
                 f"resident memory, {probe}",
-                f"{m['after_load_gib']:.2f} GiB",
-                f"after load ({m['load_s']:.1f} s); peak {m['peak_gib']:.2f} GiB after a 2,000-token prompt; "
+                f"{m['after_load_gb']:.2f} GB",
+                f"after load ({m['load_s']:.1f} s); peak {m['peak_gb']:.2f} GB after a 500-token prompt; "
                 f"{m['tokens_per_s']:.2f} tokens/s; {ram}",
             )
         ]

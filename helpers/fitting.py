@@ -1,5 +1,6 @@
 """Fitting a dialog into the context window: drop the oldest user/assistant pairs, keeping the system prompt
-and the last user message, until prompt + max_tokens fit.
+and the last user message, until prompt + max_tokens fit; when even the last message leaves less room than
+max_tokens, generate in the room there is (the context lowers max_tokens).
 
 Llama 2's prompt is a concatenation of separately encoded turns (Meta's `chat_completion`), so each turn is
 encoded once, newest first, and only as far back as fits; the system prompt is merged into the first kept
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from helpers.templates import (
     encode_chat,
@@ -25,25 +27,36 @@ class ContextOverflowError(ValueError):
     """Even the last user message alone (with the system prompt) does not fit in the context."""
 
 
+class Fitted(NamedTuple):
+    tokens: list[int]  # the prompt
+    dropped: int  # user/assistant pairs left out
+    max_tokens: int  # what may be generated: the setting, or the room left when that is less
+
+
 def fit_to_context(
     model,
     messages: Sequence[dict],
     max_tokens: int,
     template: str | None = None,
     stop_event: threading.Event | None = None,
-) -> tuple[list[int], int] | None:
-    """(token ids, dropped pairs), or None if `stop_event` was set meanwhile."""
+) -> Fitted | None:
+    """The prompt that fits, or None if `stop_event` was set meanwhile."""
     dialog = validate_dialog(messages)
-    budget = model.n_ctx() - max_tokens
+    n_ctx = model.n_ctx()
     template = template or model.template
     fit = _fit_llama2 if template == "llama-2" else _fit_by_search
-    result = fit(model, dialog, budget, template, stop_event)
-    if result is None or result[0] is not None:
-        return result
+    result = fit(model, dialog, n_ctx - max_tokens, template, stop_event)
+    if result is None:
+        return None
+    tokens, dropped = result
+    if tokens is not None:
+        return Fitted(tokens, dropped, max_tokens)
+    smallest = dropped  # the last message alone, as a prompt
+    if len(smallest) < n_ctx:
+        return Fitted(smallest, len(_split(dialog)[1]), n_ctx - len(smallest))
     raise ContextOverflowError(
-        f"The last message alone needs {result[1]} prompt tokens; with max_tokens={max_tokens} that exceeds the "
-        f"context of {model.n_ctx()} tokens. Shorten the message or the system prompt, lower max_tokens, or load "
-        "the model with a larger n_ctx."
+        f"The last message alone needs {len(smallest)} prompt tokens, which exceeds the context of {n_ctx} tokens. "
+        "Shorten the message or the system prompt, or load the model with a larger n_ctx."
     )
 
 
@@ -79,7 +92,7 @@ def _fit_llama2(model, dialog, budget, template, stop_event):
         if len(prompt) <= budget:
             return prompt, len(pairs) - len(kept)
         if not kept:
-            return None, len(prompt)
+            return None, prompt
         kept.pop()
 
 
@@ -101,4 +114,4 @@ def _fit_by_search(model, dialog, budget, template, stop_event):
             best, high = (tokens, middle), middle - 1
         else:
             low = middle + 1
-    return best if best is not None else (None, len(encode(len(pairs))))
+    return best if best is not None else (None, encode(len(pairs)))

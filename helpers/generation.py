@@ -38,9 +38,11 @@ class GenerationStats:
         cached = f" ({self.cached_tokens} from cache)" if self.cached_tokens else ""
         dropped = f" | {self.dropped_turns} oldest turns dropped" if self.dropped_turns else ""
         if self.completion_tokens == 0 and self.finish_reason == "cancelled":
+            if not self.prompt_tokens:
+                return "stopped before the prompt was made | finish: cancelled"
             return (
-                f"{self.prompt_tokens} prompt tokens{cached} | stopped while reading the prompt "
-                f"({self.prompt_read} of {self.prompt_tokens} read) | finish: cancelled{dropped}"
+                f"{self.prompt_tokens:,} prompt tokens{cached} | stopped while reading the prompt "
+                f"({self.prompt_read:,} of {self.prompt_tokens:,} in the KV cache) | finish: cancelled{dropped}"
             )
         speed = f"{self.tokens_per_second:.1f} tokens/s | " if self.completion_tokens > 1 else ""
         return (
@@ -125,7 +127,8 @@ def stream(
     fitted = fit_to_context(model, as_messages(messages_or_prompt), settings.max_tokens, template, stop_event)
     if fitted is None:
         return
-    prompt, stats.dropped_turns = fitted
+    prompt, stats.dropped_turns, room = fitted
+    settings = settings if room == settings.max_tokens else settings.replace(max_tokens=room)
     stats.prompt_tokens = len(prompt)
     stats.seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**32 - 1)
     if stop_event is not None and stop_event.is_set():
@@ -134,6 +137,7 @@ def stream(
     text = StopStrings(settings.stop)
     first = last = started
     stats.finish_reason = "length"
+    closings = model.closings
     completion = model.complete(prompt, settings, stats.seed)
     try:
         while (item := completion.next_event(stop_event)) is not None:
@@ -167,8 +171,11 @@ def stream(
             stats.finish_reason = "cancelled"
         if stats.completion_tokens > 1 and last > first:
             stats.tokens_per_second = (stats.completion_tokens - 1) / (last - first)
-    if completion.cancelled and model.closed:
-        raise ModelUnloadedError("The model was unloaded (closed, or replaced by load_model) while generating.")
+    if model.closings != closings and model.closed:  # a failed load_model reopens it: then just "cancelled"
+        raise ModelUnloadedError(
+            "The model was unloaded while generating (closed, or replaced by another load_model() call). Use the "
+            "model load_model() returned last: re-run the cells after the load cell, the chat panel's too."
+        )
 
 
 def generate(llm, messages_or_prompt, settings: GenerationSettings | None = None, **kwargs) -> Generation:

@@ -85,7 +85,10 @@ class LlamaCppBackend:
         return bool(self.llama._logits_all)
 
     def n_ctx(self) -> int:
-        return self.llama.n_ctx()
+        # llama.cpp rounds the context up to a multiple of 256; llama-cpp-python's token bookkeeping keeps
+        # the size that was asked for, so that is all a prompt and answer may use.
+        llama = self.llama
+        return min(llama.n_ctx(), len(llama.input_ids))
 
     def n_vocab(self) -> int:
         return self.llama.n_vocab()

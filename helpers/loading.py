@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import os
+import re
 import sys
 import weakref
 from contextlib import contextmanager
@@ -68,9 +70,34 @@ def resolve_gpu_layers(n_gpu_layers, info: ModelInfo, n_ctx: int) -> int:
     )
 
 
+_ABORTED = re.compile(r"failed with error 1$|compute status: 1$|failed to decode, ret = 2$")
+
+
+@functools.cache
+def _errors_only_log():
+    """A llama.cpp log callback that prints errors only. llama-cpp-python's own maps ggml's log levels as they
+    were before ggml added DEBUG (WARN = 3 is taken for ERROR), so with verbose=False it still printed
+    warnings such as "decode: removing memory module entries ..." after every stop. A stop itself (an abort
+    through the abort callback: ggml status 1, llama_decode 2) is logged as three errors; those are not shown."""
+    import llama_cpp
+
+    error, continued = 4, 5  # ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
+    last = {"level": 0}
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        last["level"] = last["level"] if level == continued else level
+        message = text.decode("utf-8", errors="replace")
+        if last["level"] == error and not _ABORTED.search(message):
+            print(message, end="", file=sys.stderr)
+
+    return callback
+
+
 @contextmanager
 def captured_native_log(lines: list[str], echo: bool):
-    """Route llama.cpp's log into `lines` (and to stderr when `echo`), then restore the library's logger."""
+    """Route llama.cpp's log into `lines` (and to stderr when `echo`); afterwards llama.cpp prints errors
+    only, or everything (llama-cpp-python's logger) when `echo`."""
     import llama_cpp
     from llama_cpp import _logger
 
@@ -85,10 +112,11 @@ def captured_native_log(lines: list[str], echo: bool):
     try:
         yield
     finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        after = _logger.llama_log_callback if echo else _errors_only_log()
+        llama_cpp.llama_log_set(after, ctypes.c_void_p(0))
 
 
-def _explain_failure(path: Path, info: ModelInfo, n_gpu_layers: int, n_ctx: int, log: list[str]) -> str:
+def _explain_failure(path: Path, info: ModelInfo, n_gpu_layers: int, n_ctx: int, log: list[str], kwargs) -> str:
     errors = [line.strip() for line in log if "error" in line.lower() or "failed" in line.lower()]
     detail = f" llama.cpp said: {' | '.join(errors[-3:])}" if errors else ""
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
@@ -105,6 +133,9 @@ def _explain_failure(path: Path, info: ModelInfo, n_gpu_layers: int, n_ctx: int,
             f"probably out of GPU memory with n_gpu_layers={n_gpu_layers}: try fewer layers, a smaller n_ctx or a "
             "smaller quantization."
         )
+    elif kwargs:
+        settings = ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+        cause = f"llama.cpp rejected it with these settings ({settings}): try without them."
     else:
         cause = "the file may be damaged or incomplete: delete it and download it again."
     return f"Could not load {path.name}: {cause}{detail}"
@@ -161,8 +192,20 @@ def describe_model(llm) -> str:
     return as_model(llm).describe()
 
 
-def check_load_settings(n_gpu_layers, n_ctx, n_threads, info: ModelInfo) -> None:
+def check_load_settings(n_gpu_layers, n_ctx, n_threads, info: ModelInfo, kwargs: dict | None = None) -> None:
     """Raise ValueError for settings llama.cpp would reject or crash on, before anything is unloaded."""
+    import inspect
+
+    import llama_cpp
+
+    known = set(inspect.signature(llama_cpp.Llama.__init__).parameters) - {"self", "kwargs", "model_path"}
+    unknown = sorted(set(kwargs or {}) - known)
+    if unknown:
+        raise ValueError(f"Unknown llama_cpp.Llama setting(s): {', '.join(unknown)}; see help(llama_cpp.Llama).")
+    for name in ("n_batch", "n_ubatch"):  # llama.cpp crashes (segfault) on a negative batch size
+        value = (kwargs or {}).get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if n_gpu_layers != "auto" and (isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int)):
         raise ValueError(f'n_gpu_layers must be "auto", -1 (all layers) or a number of layers, got {n_gpu_layers!r}.')
     if n_gpu_layers != "auto" and n_gpu_layers < -1:
@@ -196,7 +239,7 @@ def _load(path: Path, info: ModelInfo, *, n_gpu_layers, n_ctx, n_threads, verbos
                 **kwargs,
             )
         except ValueError as error:
-            raise ModelLoadError(_explain_failure(path, info, layers, n_ctx, log)) from error
+            raise ModelLoadError(_explain_failure(path, info, layers, n_ctx, log, kwargs)) from error
     backend = LlamaCppBackend(llama, owned=True)
     return Model(backend, path=path, n_threads=n_threads, gpu_layers=layers, n_layers=info.n_layers)
 
@@ -217,7 +260,7 @@ def load_model(
     had keeps working.
     """
     info = read_info(path)  # checks the file is there, is a GGUF, and holds all its tensor data
-    check_load_settings(n_gpu_layers, n_ctx, n_threads, info)
+    check_load_settings(n_gpu_layers, n_ctx, n_threads, info, kwargs)
     path = info.path.resolve()
     n_ctx = n_ctx or default_n_ctx(info)
     n_threads = n_threads or physical_cores()

@@ -1,11 +1,12 @@
-"""The model object: owns an engine (`helpers.backend.Backend`), the one thread the engine computes on, the
+"""The model object: owns an engine (`helpers.backend.Backend`), the thread the engine computes on, the
 chat template, and a lifetime that turns every use after `close()` into `ModelUnloadedError`, never a crash.
 
-All computation (prompt evaluation and sampling) runs on the model's engine thread. ggml's CPU backend
-keeps an OpenMP thread team per calling thread, and an idle team keeps competing for the cores: after one
-generation from a second thread, every later one was 20-30 % slower (measured with bench/run.py). Tokenizer
-calls may come from any thread; `close()` waits for them and for the running computation (which it stops
-first) before anything is freed.
+Each computation (a generation: its prompt and every token; or a `run`) runs on an engine thread of its own,
+one at a time per model, and that thread ends with it. ggml's CPU backend keeps an OpenMP thread team per
+thread that has computed, and a team that outlives its work slows every other: with a second model's
+thread still alive after it had generated, generation elsewhere fell from 71 to 25 tokens/s (SmolLM2,
+2 cores); a thread that has ended takes its team with it (71.7 tokens/s). Tokenizer calls may come from any
+thread; `close()` stops the running computation, waits for it and for them, then frees the engine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,10 @@ from helpers.backend import Backend, ModelUnloadedError, PromptProgress, Sampled
 from helpers.settings import GenerationSettings
 
 ENGINE_THREAD = "llama-engine"
-_POLL_SECONDS = 0.05  # how often a waiting consumer looks at its stop event
+# How often a consumer waiting for the prompt to be read looks at its stop event. Only then: once tokens
+# flow, each one is a chance to look, and a thread waking up 20 times a second on a 2-core machine took
+# 6 % off 7B generation speed (bench/scale.py, helper / bare 0.937), since both cores compute.
+_POLL_SECONDS = 0.05
 
 
 class Model:
@@ -45,10 +49,11 @@ class Model:
         self._template = template
         self._state = threading.Condition()
         self._closed = False
+        self.closings = 0  # times closed: a generation that sees it change was stopped by a close
         self._users = 0  # calls into the backend under way
         self._running: Completion | None = None
         self._pending: set[Completion] = set()
-        self._engine: ThreadPoolExecutor | None = None
+        self._computing = threading.Lock()  # one engine thread at a time
 
     # --- lifetime -----------------------------------------------------------------------------------
 
@@ -80,21 +85,14 @@ class Model:
             if self._closed:
                 return
             self._closed = True
+            self.closings += 1
             for completion in self._pending:
                 completion.cancel_event.set()
             if self._running is not None:
                 self._backend.interrupt()
             while self._users:
                 self._state.wait()
-            engine, self._engine = self._engine, None
-        if engine is None:
-            self._backend.close()
-            return
-        try:
-            engine.submit(self._backend.close).result()  # freed on the thread that computed with it
-        except RuntimeError:  # the interpreter is exiting: executors take no more work
-            self._backend.close()
-        engine.shutdown()
+        self._backend.close()
 
     def _reopen(self, backend: Backend) -> None:
         """Give a closed model a fresh engine (the loader's way back after a failed load)."""
@@ -120,7 +118,8 @@ class Model:
 
     @property
     def llama(self):
-        """The `llama_cpp.Llama` this model runs (in-process models only)."""
+        """The `llama_cpp.Llama` this model runs (in-process models only). Use it through the model: once the
+        model is closed or replaced, llama-cpp-python's own methods on it crash instead of raising."""
         with self._using() as backend:
             return backend.llama
 
@@ -204,7 +203,7 @@ class Model:
             where = "all layers on the GPU"
         else:
             where = f"{self.gpu_layers} layers on the GPU" if self.gpu_layers else "on the CPU"
-        threads = f", {self.n_threads} threads" if self.n_threads else ""
+        threads = f", {self.n_threads} thread{'s' if self.n_threads != 1 else ''}" if self.n_threads else ""
         return f"Loaded {name}: context {self.n_ctx()} tokens{threads}, {where}."
 
     # --- the engine thread --------------------------------------------------------------------------
@@ -221,12 +220,21 @@ class Model:
         return self._submit(job).result()
 
     def _submit(self, job) -> Future:
-        with self._state:
-            if self._closed:
-                raise ModelUnloadedError("This model was closed or replaced by another load_model() call.")
-            if self._engine is None:
-                self._engine = ThreadPoolExecutor(max_workers=1, thread_name_prefix=ENGINE_THREAD)
-            return self._engine.submit(job)
+        """Run `job()` on a new engine thread once this model's previous one has finished."""
+        if self._closed:
+            raise ModelUnloadedError("This model was closed or replaced by another load_model() call.")
+        future: Future = Future()
+
+        def engine():
+            with self._computing:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(job())
+                    except BaseException as error:  # handed to whoever waits on the future
+                        future.set_exception(error)
+
+        threading.Thread(target=engine, name=ENGINE_THREAD, daemon=True).start()
+        return future
 
     def complete(self, prompt: Sequence[int], settings: GenerationSettings, seed: int) -> Completion:
         """Start evaluating `prompt` and sampling on the engine thread; the returned `Completion` yields
@@ -276,15 +284,18 @@ class Completion:
         self.cancel_event = threading.Event()
         self.future: Future | None = None
         self.finished = False
+        self.sampling = False  # the prompt is read and tokens are coming
 
     def next_event(self, stop_event: threading.Event | None = None):
         """(event, time), or None when the engine is done. Cancels the completion as soon as `stop_event`
-        is set, even while the engine is inside a long prompt computation."""
+        is set: within 50 ms while the prompt is read (even inside one long graph computation), at the next
+        token after that."""
         while True:
             if stop_event is not None and stop_event.is_set():
                 self.cancel()
+            polling = stop_event is not None and not self.sampling and not self.cancel_event.is_set()
             try:
-                item = self.events.get(timeout=_POLL_SECONDS)
+                item = self.events.get(timeout=_POLL_SECONDS if polling else None)
             except queue.Empty:
                 continue
             if item is None:
@@ -292,6 +303,7 @@ class Completion:
                 return None
             if isinstance(item[0], BaseException):
                 raise item[0]
+            self.sampling = self.sampling or isinstance(item[0], SampledToken)
             return item
 
     def cancel(self) -> None:

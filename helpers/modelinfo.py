@@ -143,7 +143,7 @@ def read_header(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
                 f"{path} looks damaged or incomplete ({error}); delete it and download it again."
             ) from error
         finally:
-            del header
+            header.data.release()  # even while an exception's traceback still refers to it: mmap can close
     return metadata, tensors
 
 

@@ -66,7 +66,10 @@ class ChatPanel:
             value=", ".join(settings.stop), description="Stop", placeholder="comma-separated", **label
         )
         self.cache_prompt = w.Checkbox(
-            value=settings.cache_prompt, description="Reuse the previous prompt's KV cache (faster follow-ups)"
+            value=settings.cache_prompt,
+            description="Prompt cache: reuse what the last prompt left in the KV cache (faster follow-ups)",
+            style={"description_width": "initial"},
+            layout=w.Layout(width="auto"),
         )
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)

@@ -36,6 +36,15 @@ def llama2_vocab():
     llama.close()
 
 
+@pytest.fixture(scope="session")
+def llama2_tiny_path(tmp_path_factory):
+    """A Llama-2-7B-shaped GGUF with two blocks: the real vocabulary, width and tensor layout, random Q4_0
+    weights (0.4 GB, written in about 2 s by bench/make_llama2_gguf.py). Its text is gibberish."""
+    from bench.make_llama2_gguf import make_llama2_gguf
+
+    return make_llama2_gguf(tmp_path_factory.mktemp("llama2") / "llama2-7b-shaped-2-layers.gguf", layers=2, seed=0)
+
+
 def pytest_collection_modifyitems(config, items):
     from helpers.gpu import detect_gpu
 

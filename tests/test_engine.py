@@ -134,6 +134,8 @@ def test_load_while_generating_stops_the_generation_first(smol_path):
         ({"n_gpu_layers": -5}, "n_gpu_layers must be -1"),
         ({"n_ctx": -1}, "n_ctx must be an integer from 16"),
         ({"n_threads": 0}, "n_threads must be a positive integer"),
+        ({"n_batch": -3}, "n_batch must be a positive integer"),  # llama.cpp itself segfaults on it
+        ({"n_ctx_size": 512}, "Unknown llama_cpp.Llama setting"),
     ],
 )
 def test_bad_settings_leave_the_loaded_model_alone(smol_path, bad, message):
@@ -143,19 +145,23 @@ def test_bad_settings_leave_the_loaded_model_alone(smol_path, bad, message):
     assert not working.closed and load_model(smol_path) is working
 
 
-def test_a_load_that_fails_in_llama_cpp_brings_the_previous_model_back(smol_path, tmp_path):
+def unknown_architecture(path):
+    """A well-formed GGUF of an architecture llama.cpp does not know."""
     import gguf
     import numpy as np
 
-    odd = tmp_path / "odd.gguf"  # a well-formed GGUF of an architecture llama.cpp does not know
-    writer = gguf.GGUFWriter(odd, "no-such-arch")
+    writer = gguf.GGUFWriter(path, "no-such-arch")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((8, 8), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
 
+
+def test_a_load_that_fails_in_llama_cpp_brings_the_previous_model_back(smol_path, tmp_path):
+    odd = unknown_architecture(tmp_path / "odd.gguf")
     working = load_model(smol_path)
     settings = GenerationSettings(max_tokens=10, seed=4, cache_prompt=False)
     before = generate(working, CHAT, settings).text
@@ -163,6 +169,50 @@ def test_a_load_that_fails_in_llama_cpp_brings_the_previous_model_back(smol_path
         load_model(odd)
     assert not working.closed and load_model(smol_path) is working
     assert generate(working, CHAT, settings).text == before
+
+
+def test_a_failed_load_during_a_generation_ends_it_as_cancelled(smol_path, tmp_path):
+    odd = unknown_architecture(tmp_path / "odd.gguf")
+    working = load_model(smol_path)
+    stats, started = GenerationStats(), threading.Event()
+
+    def on_progress(done, total):
+        if not started.is_set():
+            started.set()
+            with pytest.raises(ModelLoadError):
+                load_model(odd)  # unloads `working` (stopping this generation), fails, loads it again
+
+    pieces = list(stream(working, LONG, GenerationSettings(max_tokens=8), stats=stats, on_progress=on_progress))
+    assert pieces == [] and stats.finish_reason == "cancelled"
+    assert not working.closed and load_model(smol_path) is working
+    assert generate(working, "Hi", GenerationSettings(max_tokens=3, seed=1)).stats.completion_tokens > 0
+
+
+@pytest.mark.parametrize("cut", [4, 24, 100, 1000, 20_000])
+def test_a_file_cut_inside_its_header_is_reported_as_damaged(smol_path, tmp_path, cut):
+    from helpers.modelinfo import DamagedModelError
+
+    part = tmp_path / "cut.gguf"
+    part.write_bytes(smol_path.read_bytes()[:cut])
+    with pytest.raises(DamagedModelError, match="cut.gguf"):
+        load_model(part)
+
+
+def test_a_context_llama_cpp_rounds_up_is_used_as_asked(smol_path):
+    model = load_model(smol_path, n_ctx=300)  # llama.cpp makes 512 of it; the token bookkeeping holds 300
+    assert model.n_ctx() == 300
+    result = generate(model, "word " * 250, GenerationSettings(max_tokens=64, seed=1))
+    assert result.stats.prompt_tokens + result.stats.completion_tokens <= 300
+
+
+def test_the_context_lowers_max_tokens_when_the_message_alone_leaves_less_room(smol_path):
+    llama = llama_cpp.Llama(model_path=str(smol_path), verbose=False)  # the library's n_ctx: 512
+    try:
+        result = generate(llama, "Name a colour.", GenerationSettings(seed=1, temperature=1.5))  # max_tokens 512
+        assert result.stats.finish_reason in ("stop", "length")
+        assert result.stats.prompt_tokens + result.stats.completion_tokens <= 512
+    finally:
+        llama.close()
 
 
 # --- the prompt cache ---------------------------------------------------------------------------------
@@ -240,6 +290,25 @@ def test_a_failed_generation_leaves_the_cache_consistent(smol):
     assert generate(smol, LONG, settings).text == generate(smol, LONG, settings.replace(cache_prompt=False)).text
 
 
+def test_a_llama2_shaped_model_chats_with_the_prompt_cache(llama2_tiny_path):
+    """The Llama 2 template, layout and vocabulary end to end (random weights: the text is gibberish)."""
+    model = load_model(llama2_tiny_path, n_ctx=512)
+    assert model.template == "llama-2"
+    settings = GenerationSettings(max_tokens=8, seed=1, temperature=0.0)
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    first = generate(model, dialog, settings)
+    prompt = encode_chat(model, dialog)
+    assert (first.stats.prompt_tokens, first.stats.completion_tokens) == (len(prompt), 8)
+    held = model.cached_tokens()
+    follow_up = dialog + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "Another?"}]
+    second = generate(model, follow_up, settings)
+    assert second.stats.cached_tokens == common_prefix(encode_chat(model, follow_up), held) >= len(prompt) - 1
+    fresh = generate(model, follow_up, settings.replace(cache_prompt=False))
+    assert fresh.stats.cached_tokens == 0 and fresh.stats.prompt_tokens == second.stats.prompt_tokens
+    fitted = generate(model, history(20, words=30), settings)
+    assert fitted.stats.dropped_turns > 0 and fitted.stats.prompt_tokens + 8 <= 512
+
+
 # --- fitting the context ------------------------------------------------------------------------------
 
 
@@ -275,11 +344,16 @@ def test_fitting_equals_dropping_pairs_one_by_one(smol_path, llama2_vocab, syste
                 dialog = history(pairs, system)
                 n_ctx = model.n_ctx()
                 expected = reference_fit(model, dialog, max_tokens)
-                if expected is None:
+                if expected is not None:
+                    assert fit_to_context(model, dialog, max_tokens, template) == (*expected, max_tokens)
+                    continue
+                # Not even the last message leaves room for max_tokens: generate in the room there is.
+                alone = encode_chat(model, dialog[:1] + dialog[-1:] if system else dialog[-1:], template)
+                if len(alone) < n_ctx:
+                    assert fit_to_context(model, dialog, max_tokens, template) == (alone, pairs, n_ctx - len(alone))
+                else:
                     with pytest.raises(ContextOverflowError, match=f"exceeds the context of {n_ctx} tokens"):
                         fit_to_context(model, dialog, max_tokens, template)
-                else:
-                    assert fit_to_context(model, dialog, max_tokens, template) == expected
 
 
 def test_fitting_a_long_history_can_be_stopped(llama2_vocab):

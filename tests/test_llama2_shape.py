@@ -49,8 +49,8 @@ def expected_tensors(config: dict, n_layers: int) -> dict[str, tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return make_llama2_gguf(tmp_path_factory.mktemp("llama2") / "tiny.gguf", layers=LAYERS, seed=0)
+def tiny(llama2_tiny_path):
+    return llama2_tiny_path  # LAYERS blocks (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -86,11 +86,19 @@ def test_truncated_gguf_gives_clear_error_and_keeps_nothing_broken(tmp_path, smo
 
 
 def test_native_log_stays_quiet(smol_path):
+    # Loading, then a stop while a long prompt is read (llama.cpp logs the abort as errors and the KV
+    # cleanup as a warning, which llama-cpp-python's logger printed even with verbose=False).
     code = (
+        "import threading\n"
+        "from helpers import GenerationSettings, GenerationStats\n"
         "from helpers.loading import load_model\n"
-        f"llm = load_model({str(smol_path)!r}, n_ctx=256)\n"
+        f"llm = load_model({str(smol_path)!r}, n_ctx=2048)\n"
         "print('loaded', llm.n_ctx())\n"
+        "stop, stats = threading.Event(), GenerationStats()\n"
+        "threading.Timer(0.5, stop.set).start()\n"
+        "list(llm.stream('word ' * 1500, GenerationSettings(max_tokens=2), stop_event=stop, stats=stats))\n"
+        "print(stats.finish_reason, stats.prompt_read < stats.prompt_tokens)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "loaded 256"
+    assert done.stdout.split() == ["loaded", "2048", "cancelled", "True"]
     assert done.stderr.strip() == ""
