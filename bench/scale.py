@@ -227,7 +227,7 @@ def main() -> None:
             (
                 f"{name} tokens/s, helpers.stream",
                 f"{statistics.median(h[i] for h in helper):.2f}",
-                f"{model.encode_chat(dialog).__len__()}-token prompt"
+                f"{len(model.encode_chat(dialog))}-token prompt"
                 if i == 0
                 else f"{args.tokens} tokens, median of {args.rounds}",
             ),

@@ -48,16 +48,14 @@ def fit_to_context(
     result = fit(model, dialog, n_ctx - max_tokens, template, stop_event)
     if result is None:
         return None
-    tokens, dropped = result
-    if tokens is not None:
-        return Fitted(tokens, dropped, max_tokens)
-    smallest = dropped  # the last message alone, as a prompt
-    if len(smallest) < n_ctx:
-        return Fitted(smallest, len(_split(dialog)[1]), n_ctx - len(smallest))
-    raise ContextOverflowError(
-        f"The last message alone needs {len(smallest)} prompt tokens, which exceeds the context of {n_ctx} tokens. "
-        "Shorten the message or the system prompt, or load the model with a larger n_ctx."
-    )
+    tokens, dropped = result  # over the budget only when every pair is dropped: then the room left is less
+    room = min(max_tokens, n_ctx - len(tokens))
+    if room < 1:
+        raise ContextOverflowError(
+            f"The last message alone needs {len(tokens)} prompt tokens, which exceeds the context of {n_ctx} "
+            "tokens. Shorten the message or the system prompt, or load the model with a larger n_ctx."
+        )
+    return Fitted(tokens, dropped, room)
 
 
 def _split(dialog: list[dict]) -> tuple[str | None, list[tuple[str, str]], str]:
@@ -89,10 +87,8 @@ def _fit_llama2(model, dialog, budget, template, stop_event):
             prompt = first + rest + llama2_last_tokens(model, last)
         else:
             prompt = llama2_last_tokens(model, with_system(last))
-        if len(prompt) <= budget:
+        if len(prompt) <= budget or not kept:
             return prompt, len(pairs) - len(kept)
-        if not kept:
-            return None, prompt
         kept.pop()
 
 
@@ -114,4 +110,4 @@ def _fit_by_search(model, dialog, budget, template, stop_event):
             best, high = (tokens, middle), middle - 1
         else:
             low = middle + 1
-    return best if best is not None else (None, encode(len(pairs)))
+    return best if best is not None else (encode(len(pairs)), len(pairs))

@@ -203,8 +203,7 @@ class LlamaCppBackend:
         held = llama.input_ids[: llama.n_tokens]
         n = min(len(held), len(prompt) - 1)
         differ = np.flatnonzero(held[:n] != np.asarray(prompt[:n], dtype=held.dtype))
-        keep = int(differ[0]) if len(differ) else n
-        return self._truncate(llama, keep) if keep < llama.n_tokens or keep == 0 else keep
+        return self._truncate(llama, int(differ[0]) if len(differ) else n)
 
     # --- lifetime ---------------------------------------------------------------------------------
 

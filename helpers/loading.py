@@ -220,7 +220,8 @@ def check_load_settings(n_gpu_layers, n_ctx, n_threads, info: ModelInfo, kwargs:
         raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}.")
 
 
-def _load(path: Path, info: ModelInfo, *, n_gpu_layers, n_ctx, n_threads, verbose, kwargs) -> Model:
+def _load(path: Path, info: ModelInfo, *, n_gpu_layers, n_ctx, n_threads, verbose, kwargs):
+    """(the engine for `path`, the GPU layers it got)."""
     import llama_cpp
 
     from helpers.llama_backend import LlamaCppBackend
@@ -240,8 +241,7 @@ def _load(path: Path, info: ModelInfo, *, n_gpu_layers, n_ctx, n_threads, verbos
             )
         except ValueError as error:
             raise ModelLoadError(_explain_failure(path, info, layers, n_ctx, log, kwargs)) from error
-    backend = LlamaCppBackend(llama, owned=True)
-    return Model(backend, path=path, n_threads=n_threads, gpu_layers=layers, n_layers=info.n_layers)
+    return LlamaCppBackend(llama, owned=True), layers
 
 
 def load_model(
@@ -274,11 +274,12 @@ def load_model(
     previous, previous_key, previous_recipe = _cache.model, _cache.key, _cache.recipe
     unload_model()  # before measuring free VRAM for "auto"
     try:
-        model = _load(path, info, **recipe)
+        backend, layers = _load(path, info, **recipe)
     except BaseException:
         if previous is not None:
-            previous._reopen(_load(previous.path, read_info(previous.path), **previous_recipe)._backend)
+            previous._reopen(_load(previous.path, read_info(previous.path), **previous_recipe)[0])
             _cache.model, _cache.key, _cache.recipe = previous, previous_key, previous_recipe
         raise
+    model = Model(backend, path=path, n_threads=n_threads, gpu_layers=layers, n_layers=info.n_layers)
     _cache.model, _cache.key, _cache.recipe = model, key, recipe
     return model

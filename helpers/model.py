@@ -210,8 +210,6 @@ class Model:
 
     def run(self, function: Callable[[Backend], object]):
         """`function(backend)` on the engine thread, while the model stays open; returns its result."""
-        if _on_engine_thread():
-            raise RuntimeError("Already on an engine thread: call the backend directly.")
 
         def job():
             with self._using() as backend:
@@ -221,6 +219,8 @@ class Model:
 
     def _submit(self, job) -> Future:
         """Run `job()` on a new engine thread once this model's previous one has finished."""
+        if _on_engine_thread():  # it would wait for itself
+            raise RuntimeError("Generation cannot start on an engine thread; call it from any other thread.")
         if self._closed:
             raise ModelUnloadedError("This model was closed or replaced by another load_model() call.")
         future: Future = Future()
@@ -239,8 +239,6 @@ class Model:
     def complete(self, prompt: Sequence[int], settings: GenerationSettings, seed: int) -> Completion:
         """Start evaluating `prompt` and sampling on the engine thread; the returned `Completion` yields
         the events as they come. Used by `helpers.stream`."""
-        if _on_engine_thread():
-            raise RuntimeError("stream() cannot run on the llama-engine thread itself; call it from any other thread.")
         completion = Completion(self)
         with self._state:
             self._pending.add(completion)

@@ -96,14 +96,9 @@ class _Header:
         raise ValueError(f"unknown GGUF value type {kind}")
 
 
-def _tensor_bytes(kind: int, shape: tuple[int, ...]) -> int:
-    """Bytes of a tensor of ggml type `kind` (0 for a type this gguf package does not know)."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
-    except (ValueError, KeyError):
-        return 0
+def _tensor_bytes(kind: int, shape: tuple[int, ...], sizes: dict) -> int:
+    """Bytes of a tensor of ggml type `kind` (0 for a type the gguf package's `sizes` table does not know)."""
+    block, size = sizes.get(kind, (1, 0))
     return math.prod(shape) // block * size
 
 
@@ -122,13 +117,16 @@ def read_header(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
             for _ in range(n_kv):
                 key = header.string()
                 metadata[key] = header.value(header.take("I"))
+            from gguf.constants import GGML_QUANT_SIZES
+
+            sizes = {int(kind): block_and_size for kind, block_and_size in GGML_QUANT_SIZES.items()}
             tensors, data_end = [], 0
             for _ in range(n_tensors):
                 name = header.string()
                 shape = tuple(header.take("Q") for _ in range(header.take("I")))
                 kind, offset = header.take("I"), header.take("Q")
                 tensors.append((name, shape))
-                data_end = max(data_end, offset + _tensor_bytes(kind, shape))
+                data_end = max(data_end, offset + _tensor_bytes(kind, shape, sizes))
             alignment = int(metadata.get("general.alignment") or 32)
             needed = -(-header.pos // alignment) * alignment + data_end
             if n_tensors and needed > len(data):
