@@ -54,8 +54,8 @@ def main() -> None:
     start = time.perf_counter()
     reference = one_by_one(model, dialog, 512)
     quadratic = time.perf_counter() - start
-    assert fitted == reference
-    print(f"{args.pairs} pairs, n_ctx {args.n_ctx}: {fitted[1]} dropped, {len(fitted[0])} prompt tokens")
+    assert (fitted.tokens, fitted.dropped) == reference
+    print(f"{args.pairs} pairs, n_ctx {args.n_ctx}: {fitted.dropped} dropped, {len(fitted.tokens)} prompt tokens")
     print(f"fit_to_context            {linear:8.3f} s")
     print(f"drop one by one (before)  {quadratic:8.3f} s   ratio {quadratic / linear:.0f}x")
     llama.close()
