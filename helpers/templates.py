@@ -27,6 +27,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import NamedTuple
 
 from helpers.loading import as_model
 
@@ -403,27 +404,46 @@ def encode_embedded(model, messages: Sequence[Message]) -> list[int]:
     specials = {}  # the control tokens the template itself writes, by spelling
     for text in texts:
         for token in model.tokenize(text, special=True):
-            if model.is_control(token):
-                specials[_token_text(model, token)] = token
+            if model.is_control(token) and (spelling := _token_text(model, token)) not in specials:
+                specials[spelling] = _Special(
+                    token,  # llama.cpp's LSTRIP/RSTRIP attributes (Phi-3's tokens): whitespace beside them is dropped
+                    lstrip=model.tokenize(" \n" + spelling, special=True) == [token],
+                    rstrip=model.tokenize(spelling + " \n", special=True) == [token],
+                )
     pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) or "(?!)")
 
     tokens: list[int] = []
-    run = ""  # plain text since the last control token
+    run, after = "", None  # plain text since the last control token, and that token
     for i, text in enumerate(texts):
         if i > 0:
             run += placed[i - 1]  # content: always plain text
         position = 0
         for match in pattern.finditer(text):
-            run += text[position : match.start()]
-            if run:
-                tokens += _plain(model, run)
-                run = ""
-            tokens.append(specials[match.group()])
-            position = match.end()
+            special = specials[match.group()]
+            tokens += _plain_run(model, run + text[position : match.start()], after, special)
+            tokens.append(special.token)
+            run, after, position = "", special, match.end()
         run += text[position:]
-    if run:
-        tokens += _plain(model, run)
+    tokens += _plain_run(model, run, after, None)
     return _with_bos(model, tokens)
+
+
+class _Special(NamedTuple):
+    token: int
+    lstrip: bool
+    rstrip: bool
+
+
+_C_SPACE = " \t\n\v\f\r"  # what llama.cpp's isspace() strips
+
+
+def _plain_run(model, text: str, after: _Special | None, before: _Special | None) -> list[int]:
+    """The text between two control tokens, as llama.cpp tokenizes a fragment of a prompt."""
+    if after is not None and after.rstrip:
+        text = text.lstrip(_C_SPACE)
+    if before is not None and before.lstrip:
+        text = text.rstrip(_C_SPACE)
+    return _plain(model, text) if text else []
 
 
 def _encode_rendered_whole(model, dialog: Sequence[Message], rendered: str) -> list[int]:
