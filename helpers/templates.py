@@ -325,6 +325,11 @@ def render_template(source: str, *, time_limit: float | None = None, **variables
         ) from None
     except TemplateError as e:  # raise_exception(...), undefined names, bad filters
         raise ChatTemplateError(f"The chat template in this model's GGUF refused this dialog: {e}") from None
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:  # a template's own bug
+        raise ChatTemplateError(
+            f"The chat template in this model's GGUF failed on this dialog ({type(e).__name__}: {e}); "
+            "pass template= one of: " + ", ".join(available_templates()) + "."
+        ) from None
     finally:
         _deadline.reset(token)
 
@@ -392,7 +397,10 @@ def encode_embedded(model, messages: Sequence[Message]) -> list[int]:
 
     nonce = uuid.uuid4().hex
     sentinel = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
-    marked = _render_embedded(model, dialog, [f"\ue000{nonce}:{i}\ue001" for i in range(len(dialog))])
+    try:
+        marked = _render_embedded(model, dialog, [f"\ue000{nonce}:{i}\ue001" for i in range(len(dialog))])
+    except ChatTemplateError:  # the template checks content (refuses an empty one, say): no sentinels there
+        return _encode_rendered_whole(model, dialog, rendered)
     pieces = sentinel.split(marked)
     texts, uses = pieces[0::2], [int(i) for i in pieces[1::2]]
     placed = None
