@@ -277,8 +277,19 @@ def _build_environment():
 
     env = ChatEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, RenderBudget, loopcontrols])
     env.filters["tojson"] = tojson
+    lipsum = env.globals["lipsum"]  # Jinja's filler text: its size is the caller's, so capped
+
+    def capped_lipsum(n=5, html=True, min=20, max=100):
+        if n > 100 or max > 1000:
+            raise jinja2.exceptions.SecurityError("lipsum() over 100 paragraphs of 1,000 words")
+        return lipsum(n, html, min, max)
+
     env.globals.update(
-        raise_exception=raise_exception, strftime_now=strftime_now, dict=TemplateDict(), namespace=TemplateNamespace
+        raise_exception=raise_exception,
+        strftime_now=strftime_now,
+        dict=TemplateDict(),
+        namespace=TemplateNamespace,
+        lipsum=capped_lipsum,
     )
     return env
 

@@ -227,6 +227,21 @@ def test_mistral_v3_moves_the_system_prompt_into_the_last_user_turn(real):
     assert ids[-1] == end_inst and ids == llama_cpp_ids(llama, reference(llama, dialog))
 
 
+def test_generation_feeds_the_model_the_ids_of_its_embedded_template(real):
+    """End to end with the weights: the Mistral v0.3 copy of the small model (its template moves the system
+    prompt into the last user turn) is loaded, and the prompt it reads is encode_chat's ids."""
+    from helpers import generate, load_model
+    from helpers.settings import GenerationSettings
+
+    vocab = real("mistral-7b-instruct-v0.3")
+    dialog = DIALOGS[2]
+    model = load_model(vocab.model_path, n_ctx=512)
+    done = generate(model, dialog, GenerationSettings(max_tokens=3, seed=1))
+    expected = llama_cpp_ids(vocab, reference(vocab, dialog))
+    assert done.stats.prompt_tokens == len(expected)
+    assert model.cached_tokens()[: len(expected)] == expected
+
+
 # --- templates that transform or repeat content -------------------------------------------------------------
 
 CHATML = FAMILIES["qwen2.5-7b-instruct"]
@@ -336,6 +351,7 @@ def test_environment_renders_as_transformers_renders(case):
         ("{{ 'x' * 100000000 }}", "unsafe"),
         ("{{ 10 ** 100000 }}", "unsafe"),
         ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "recursed"),
+        ("{{ lipsum(n=100000000) }}", "unsafe"),
         ("{% for m in messages[0] %}{% endfor %}{{ messages[0].content + 1 }}", "failed on this dialog (TypeError"),
     ],
 )

@@ -1,6 +1,6 @@
-"""The prompt template against its references: Meta's `chat_completion` (token ids, with the real Llama 2
-vocabulary), Hugging Face's Llama-2-chat Jinja template (text), and llama-cpp-python's own Jinja renderer
-for templates embedded in a GGUF."""
+"""The prompt template against its references: Meta's `chat_completion` (token ids and its refusal of special
+tags, with the real Llama 2 vocabulary), Hugging Face's Llama-2-chat Jinja template (text), and
+llama-cpp-python's own Jinja renderer for templates embedded in a GGUF (more in test_embedded_templates.py)."""
 
 import random
 
