@@ -421,7 +421,7 @@ def encode_embedded(model, messages: Sequence[Message]) -> list[int]:
         return _encode_rendered_whole(model, dialog, rendered)
 
     specials = {}  # the control tokens the template itself writes, by spelling
-    for text in texts:
+    for text in set(texts):
         for token in model.tokenize(text, special=True):
             if model.is_control(token) and (spelling := _token_text(model, token)) not in specials:
                 specials[spelling] = _Special(
