@@ -237,7 +237,8 @@ def _watch_body(response, *, seconds: float) -> None:
 def _deadline_on_downloads(seconds: float):
     """While inside, every client huggingface_hub makes carries the stall hooks. huggingface_hub has one shared
     client made by a factory (`set_client_factory`); the factory in place (the user's, if they set one) is
-    wrapped, and put back afterwards."""
+    wrapped, and put back afterwards. Setting a factory closes the shared client, so two downloads must not
+    run at the same time in two threads."""
     import huggingface_hub
     from huggingface_hub.utils import _http
 
@@ -261,15 +262,8 @@ def _deadline_on_downloads(seconds: float):
 # --- checks after a download -----------------------------------------------------------------------------------
 
 
-def _file_digest(path: Path, etag: str) -> str | None:
-    """The digest the Hub's etag names: sha256 for LFS files (X-Linked-Etag), git's blob sha1 for small ones."""
-    if re.fullmatch(r"[0-9a-f]{64}", etag):
-        digest = hashlib.sha256()
-    elif re.fullmatch(r"[0-9a-f]{40}", etag):
-        digest = hashlib.sha1(usedforsecurity=False)
-        digest.update(b"blob %d\0" % path.stat().st_size)
-    else:
-        return None  # not a content hash (some mirrors): nothing to compare with
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(8 * 1024**2):
             digest.update(block)
@@ -534,17 +528,19 @@ def _metadata(request: _Request, timeout: float):
 
 
 def _verify(path: Path, etag: str, request: _Request) -> None:
-    """Compare a freshly downloaded file with the Hub's hash of it; a mismatch deletes it from the cache.
-    The blob's name is the etag huggingface_hub downloaded it under (the same as `etag` unless the file
-    changed on the Hub in between)."""
+    """Compare a freshly downloaded file with the Hub's sha256 of it (X-Linked-Etag: every LFS file, so every
+    GGUF); a mismatch deletes it from the cache. The blob's name is the etag huggingface_hub downloaded it
+    under (the same as `etag` unless the file changed on the Hub in between). A small file kept in git has a
+    git blob id as its etag instead, and is not checked."""
     blob = path.resolve().name.lower()
-    etag = blob if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", blob) else etag.lower()
-    got = _file_digest(path, etag)
-    if got is not None and got != etag:
+    expected = blob if re.fullmatch(r"[0-9a-f]{64}", blob) else etag.lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", expected):
+        return
+    got = _sha256(path)
+    if got != expected:
         _forget(path)
-        kind = "sha256" if len(etag) == 64 else "git blob sha1"
         raise ChecksumMismatchError(
-            f"The downloaded {request.where} is damaged: its {kind} is {got}, the Hub's is {etag}. It has been "
+            f"The downloaded {request.where} is damaged: its sha256 is {got}, the Hub's is {expected}. It has been "
             "deleted from the cache; run the cell again to download it afresh. If it happens again, a proxy or "
             "the network is altering the file."
         )

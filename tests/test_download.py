@@ -1,8 +1,10 @@
 """download_model against a local server speaking the Hub's protocol, serving the real SmolLM2 GGUF through
 the real `hf_hub_download` (no mocking of huggingface_hub)."""
 
+import email.utils
 import hashlib
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -183,6 +185,14 @@ def test_refused_metadata_says_why_and_what_to_do(hub, tmp_path, status, headers
     assert [method for method, _, _ in hub.requests] == ["HEAD"]  # asked once, no download tried
     if status == 429:
         assert raised.value.retry_after == (120 if headers else None)
+
+
+def test_retry_after_as_a_date(hub, tmp_path):
+    when = datetime.now(timezone.utc) + timedelta(seconds=90)
+    hub.fault = (429, {"Retry-After": email.utils.format_datetime(when, usegmt=True)})
+    with HubServer(hub) as url, pytest.raises(RateLimitedError, match=r"again in (8\d|90) s \(after") as raised:
+        download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url)
+    assert 80 <= raised.value.retry_after <= 90
 
 
 def test_refused_download_after_the_metadata_says_why(hub, tmp_path):
