@@ -41,6 +41,7 @@ class HubState:
     fault_methods: tuple[str, ...] = ("HEAD", "GET")  # ... of these methods
     corrupt: bool = False  # GET bodies have one byte changed (same size, same ETag)
     head_delay: float = 0.0  # seconds a HEAD waits before answering
+    get_delay: float = 0.0  # seconds a GET of a file waits before answering
     stall_after_bytes: int | None = None  # a GET sends this many bytes of the body, then nothing
     trickle_seconds: float | None = None  # a GET sends one byte of the body every this many seconds
     stopping: threading.Event = field(default_factory=threading.Event)  # set when the server stops
@@ -72,6 +73,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _resolve(self):
         state = self.state
         state.requests.append((self.command, self.path, self.headers.get("Range")))
+        delay = state.head_delay if self.command == "HEAD" else state.get_delay
+        if delay and state.stopping.wait(delay):
+            return None  # the server is stopping: no answer
         if state.fail_after_drop and state.dropped:
             self.send_response(503)
             self.send_header("Content-Length", "0")
@@ -115,8 +119,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_HEAD(self):
-        if self.state.head_delay and self.state.stopping.wait(self.state.head_delay):
-            return  # the server is stopping
         found = self._resolve()
         if found:
             repo, path, size = found

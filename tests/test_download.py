@@ -28,6 +28,7 @@ from tests.hub_server import HubServer, HubState, Repo
 
 REPO = "TheBloke/Llama-2-7B-Chat-GGUF"
 FILE = "llama-2-7b-chat.Q4_K_M.gguf"
+FAST = Deadlines(head=0.5, slow_head=5, stall=1.0)  # short deadlines, so slow-server tests take seconds
 
 
 def sha256(path):
@@ -217,7 +218,11 @@ def test_hub_errors_fall_back_to_the_cached_copy(hub, tmp_path):
         for fault in ((503, {}), (429, {"Retry-After": "60"})):
             hub.fault = fault
             assert download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url) == cached
-        hub.fault = (403, {})  # refused access is not an outage: said even with a copy at hand
+        hub.fault, hub.head_delay = None, 1.0  # a slow Hub: the copy at hand, without waiting longer
+        started = time.monotonic()
+        assert download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url, deadlines=FAST) == cached
+        assert time.monotonic() - started < FAST.slow_head
+        hub.fault, hub.head_delay = (403, {}), 0.0  # refused access is not an outage: said even with a copy at hand
         with pytest.raises(AccessDeniedError):
             download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url)
 
@@ -241,8 +246,6 @@ def test_damaged_download_is_deleted_and_the_next_run_fetches_it_again(hub, tmp_
 
 # --- deadlines --------------------------------------------------------------------------------------------------
 
-FAST = Deadlines(head=0.5, slow_head=5, stall=1.0)
-
 
 @pytest.mark.parametrize("fault", [{"stall_after_bytes": 1_000_000}, {"trickle_seconds": 0.2}])
 def test_stalled_download_stops_at_the_deadline_and_keeps_nothing(hub, tmp_path, fault):
@@ -259,6 +262,14 @@ def test_stalled_download_stops_at_the_deadline_and_keeps_nothing(hub, tmp_path,
     partials = list(tmp_path.rglob("*.incomplete"))
     assert ("resumes from there" in message) == bool(partials)  # it says what it left
     assert len(hub.gets()) == 1  # stopped, not retried in a loop
+
+
+def test_hub_that_never_starts_sending_is_a_timeout(hub, tmp_path):
+    """huggingface_hub retries a GET that times out 5 times (resuming): then the helper names the cause."""
+    hub.get_delay = 30
+    with HubServer(hub) as url, pytest.raises(DownloadTimeoutError, match="did not start sending .* within 0.5 s"):
+        download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url, deadlines=Deadlines(stall=0.5))
+    assert len(hub.gets()) == 6 and not list(tmp_path.rglob(FILE))
 
 
 def test_slow_hub_gets_more_time_with_a_notice(hub, tmp_path, smol_path, capsys):
