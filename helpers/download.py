@@ -7,7 +7,7 @@ What huggingface_hub (1.x and 2.x) does by itself, read in its `file_download.py
 - it never hashes a downloaded file: the size is checked, the content is not;
 - the file's body is read with `HF_HUB_DOWNLOAD_TIMEOUT` (10 s) per network read, so a server that sends a
   byte every few seconds is never timed out;
-- a metadata request (HEAD) that takes over `HF_HUB_ETAG_TIMEOUT` (10 s) counts as "no network";
+- a metadata request (HEAD) that times out ends in the same LocalEntryNotFoundError as no network at all;
 - a 429 on the body's GET is retried 5 times, each after sleeping through the whole `Retry-After`.
 """
 
@@ -293,7 +293,7 @@ def _partial_note(storage: Path) -> str:
             f"huggingface_hub kept the {size / 1e6:.1f} MB received as {kept[0]}; running again resumes from there. "
             "A partial file is never used as the model."
         )
-    return "huggingface_hub removed the partial file: running again starts over."
+    return "No partial file was kept: running again starts over."
 
 
 # --- the download -------------------------------------------------------------------------------------------------
@@ -301,6 +301,8 @@ def _partial_note(storage: Path) -> str:
 
 @dataclass
 class _Request:
+    """One file asked of the Hub: where it is cached, and the errors about it."""
+
     repo_id: str
     filename: str
     revision: str | None
@@ -363,8 +365,14 @@ class _Request:
             f"Check the connection, or use the bundled offline model: helpers.download_model({OFFLINE_MODEL!r})."
         )
 
-    def http_error(self, error) -> DownloadError:
-        """A DownloadError named by the HTTP status of huggingface_hub's HfHubHTTPError."""
+    def http_error(self, error, after: str = "") -> DownloadError:
+        """A DownloadError named by the HTTP status of huggingface_hub's HfHubHTTPError; `after` is appended."""
+        problem = self._http_error(error)
+        if after:
+            problem.args = (f"{problem} {after}",)
+        return problem
+
+    def _http_error(self, error) -> DownloadError:
         from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
         response = error.response
@@ -496,9 +504,7 @@ def _download(request: _Request, deadlines: Deadlines, stall: float) -> Path:
     except RateLimitedError as error:
         raise _rate_limited(request.where, error.retry_after) from None
     except HfHubHTTPError as error:
-        problem = request.http_error(error)
-        problem.args = (f"{problem} {_partial_note(request.storage)}",)
-        raise problem from None
+        raise request.http_error(error, after=_partial_note(request.storage)) from None
     except LocalEntryNotFoundError as error:  # huggingface_hub's own HEAD failed after ours succeeded
         cause = error.__cause__
         if isinstance(cause, HfHubHTTPError):
