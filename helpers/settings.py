@@ -23,7 +23,7 @@ class GenerationSettings:
     repeat_penalty: float = 1.1  # 1..2: > 1 discourages repeating recent tokens (1 = off)
 
     # --- reproducibility and stopping ------------------------------------------------------------
-    seed: int | None = None  # 0..2**32-1, or None for a fresh random seed each time
+    seed: int | None = None  # 0..2**32-2, or None for a fresh random seed each time (see _RANGES)
     stop: tuple[str, ...] = field(default_factory=tuple)  # generation ends before any of these strings
 
     # --- speed ------------------------------------------------------------------------------------
@@ -37,7 +37,10 @@ class GenerationSettings:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+            try:
+                object.__setattr__(self, "stop", tuple(self.stop))
+            except TypeError:  # None, a number: not a collection of strings
+                raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}.") from None
         validate(self)
 
     def replace(self, **changes) -> GenerationSettings:
@@ -52,7 +55,9 @@ _RANGES = {
     "top_k": (0, 1000, True, True),
     "min_p": (0.0, 1.0, True, False),
     "repeat_penalty": (1.0, 2.0, True, False),
-    "seed": (0, 2**32 - 1, True, True),
+    # 2**32-1 is llama.cpp's LLAMA_DEFAULT_SEED, which its sampler reads as "draw a random seed"
+    # (llama-sampler.cpp, get_rng_seed): it would not reproduce a text, so it is not a seed here.
+    "seed": (0, 2**32 - 2, True, True),
 }
 
 
