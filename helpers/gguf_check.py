@@ -9,6 +9,7 @@ tensor shapes, types and offsets, alignment) is checked while `helpers.modelinfo
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -31,6 +32,7 @@ LLAMA_MAX_EXPERTS = 1024
 # on every call (_internals.py, `LlamaModel.tokenize`), and reads the value as an int32. 2^24 tokens is above
 # every published model's context (Llama 4 Scout: 10M) and keeps that buffer at 64 MiB.
 MAX_CONTEXT_LENGTH = 1 << 24
+# ggml-cpu/ops.cpp (rms_norm, norm): GGML_ASSERT(eps >= 0.0f), reached at the first generated token.
 # llama-model.cpp `llama_rope_scaling_type_from_string`: any other name is asserted against.
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 # The architectures whose tensor shapes are built from embedding_length / head_count alone (llama-model.cpp:
@@ -99,7 +101,8 @@ def check_model_header(path, meta: dict, tensors: list[TensorInfo]) -> None:
             + (f" (the hyper-parameters are for {', '.join(map(repr, others))})" if others else ""),
         )
     _check_hyper_parameters(path, meta, arch)
-    _check_vocabulary(path, meta, tensors)
+    if meta.get("tokenizer.ggml.model") not in ("none", "no_vocab"):  # llama-vocab.cpp: a model without a vocabulary
+        _check_vocabulary(path, meta, tensors, arch)
 
 
 def _check_hyper_parameters(path, meta: dict, arch: str) -> None:
@@ -111,10 +114,22 @@ def _check_hyper_parameters(path, meta: dict, arch: str) -> None:
     used = _per_layer(meta, f"{arch}.expert_used_count", path, n_layers, low=0) or [0]
     groups = _integer(meta, f"{arch}.expert_group_count", path, low=0, required=False) or 0
     group_used = _integer(meta, f"{arch}.expert_group_used_count", path, low=0, required=False) or 0
-    if max(used) > n_expert or (n_expert and not 0 < max(used)) or (not n_expert and groups):
-        raise _damaged(path, f"{arch}.expert_used_count {max(used)} does not fit expert_count {n_expert}")
-    if n_expert and (groups >= n_expert or (groups > 1 and (n_expert % groups or not 0 < group_used < groups))):
-        raise _damaged(path, f"the expert groups ({groups}, {group_used} used) do not divide {n_expert} experts")
+    if (
+        max(used) > n_expert
+        or (n_expert and not 0 < max(used))
+        or (not n_expert and groups)
+        or (n_expert and (groups >= n_expert or (groups > 1 and (n_expert % groups or not 0 < group_used < groups))))
+    ):
+        raise _damaged(
+            path,
+            f"its expert counts do not fit together ({n_expert} experts, {max(used)} used per token, "
+            f"{groups} groups, {group_used} groups used)",
+        )
+    for key, value in meta.items():  # no real model has these; a norm's NaN or negative epsilon is asserted against
+        if key.startswith(f"{arch}.") and isinstance(value, float) and not math.isfinite(value):
+            raise _damaged(path, f"{key} is {value}, not a finite number")
+        if key.startswith(f"{arch}.attention.layer_norm") and isinstance(value, float) and value < 0:
+            raise _damaged(path, f"{key} is {value}; llama.cpp's normalisation asserts it is not negative")
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling is not None and scaling not in ROPE_SCALING_TYPES:
         raise _damaged(
@@ -142,7 +157,7 @@ def _check_hyper_parameters(path, meta: dict, arch: str) -> None:
         )
 
 
-def _check_vocabulary(path, meta: dict, tensors: list[TensorInfo]) -> None:
+def _check_vocabulary(path, meta: dict, tensors: list[TensorInfo], arch: str) -> None:
     tokens = meta.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, GGUFArray) or tokens.items is None or not all(isinstance(t, bytes) for t in tokens.items):
         raise _damaged(path, "its vocabulary (tokenizer.ggml.tokens) is missing or not a list of strings")
@@ -161,6 +176,8 @@ def _check_vocabulary(path, meta: dict, tensors: list[TensorInfo]) -> None:
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and isinstance(value, int):
             if not 0 <= value < n_vocab:
                 raise _damaged(path, f"{key} is {value:,}, outside the vocabulary of {n_vocab:,} tokens")
+    if arch not in _ATTENTION_ARCHS:  # other architectures may lay out (or pad) these tensors differently
+        return
     shapes = {tensor.name: tensor.shape for tensor in tensors}
     for name in ("token_embd.weight", "output.weight"):
         shape = shapes.get(name)

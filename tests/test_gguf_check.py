@@ -86,6 +86,8 @@ def test_llama_cpp_itself_aborts_just_outside_the_layer_limit(tiny, tmp_path, va
         ("llama.attention.head_count_kv", 0, "llama.attention.head_count_kv is 0"),
         ("llama.attention.head_count_kv", 3, "4 attention heads do not share evenly among 3 key/value heads"),
         ("llama.rope.dimension_count", 64, "rope.dimension_count is 64, not the head size 16"),
+        ("llama.attention.layer_norm_rms_epsilon", float("nan"), "layer_norm_rms_epsilon is nan, not a finite number"),
+        ("llama.attention.layer_norm_rms_epsilon", -1.0, "layer_norm_rms_epsilon is -1.0; llama.cpp's normalisation"),
         ("tokenizer.ggml.bos_token_id", 49152, "bos_token_id is 49,152, outside the vocabulary of 49,152 tokens"),
         ("GGUF.version", 1, "GGUF version 1"),
         ("GGUF.kv_count", 2**60, "claims 1,152,921,504,606,846,976 metadata entries"),
@@ -189,3 +191,18 @@ def test_fuzzed_headers_end_in_a_clear_error_or_a_load():
     assert len(results) == 200
     assert [r for r in results if is_failure(r["outcome"])] == []
     assert outcomes.get("loaded", 0) >= 10 and outcomes.get("error:DamagedModelError", 0) >= 100
+
+
+def test_an_architecture_llama_cpp_does_not_know_is_named_as_the_cause(tiny, tmp_path):
+    # Every 'llama' in the header renamed to 'xllam' (same length): a well-formed file of an unknown architecture.
+    path, base, header = tiny
+    head = (
+        base[: header.data_start]
+        .replace(b"llama.", b"xllam.")
+        .replace(b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00xllam")
+    )
+    bad = _copy(tmp_path, head + base[header.data_start :])
+    assert read_info(bad).architecture == "xllam"
+    with pytest.raises(ModelLoadError, match="too old for the model's architecture") as raised:
+        load_model(bad)
+    assert "damaged" not in str(raised.value)
