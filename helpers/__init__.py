@@ -25,6 +25,10 @@ _EXPORTS = {
     "as_model": "loading",
     "describe_model": "loading",
     "ModelLoadError": "loading",
+    "NotGGUFError": "modelinfo",  # what a file that cannot be loaded is: not a GGUF, damaged, no weights, too new
+    "DamagedModelError": "modelinfo",
+    "NotAModelError": "modelinfo",
+    "UnsupportedModelError": "modelinfo",
     "physical_cores": "loading",
     "Model": "model",
     "ModelUnloadedError": "backend",
@@ -56,7 +60,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name):
     module = _EXPORTS.get(name)
     if module is None:
-        if name in _EXPORTS.values() or name in ("modelinfo", "demo", "fitting", "llama_backend"):
+        if name in _EXPORTS.values() or name in ("modelinfo", "demo", "fitting", "llama_backend", "gguf_check"):
             return import_module(f"helpers.{name}")  # a submodule: helpers.gpu, helpers.ui, ...
         raise AttributeError(f"module 'helpers' has no attribute {name!r}")
     value = getattr(import_module(f"helpers.{module}"), name)

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from helpers.backend import ModelUnloadedError  # noqa: F401  (re-exported: helpers.loading.ModelUnloadedError)
+from helpers.gguf_check import read_checked_info
 from helpers.model import Model
 from helpers.modelinfo import ModelInfo, read_info
 
@@ -220,6 +221,19 @@ def check_load_settings(n_gpu_layers, n_ctx, n_threads, info: ModelInfo, kwargs:
         raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}.")
 
 
+def _check_path_encoding(path: Path) -> None:
+    """llama-cpp-python passes the path to llama.cpp as UTF-8 (`model_path.encode("utf-8")`): a file name that is
+    not valid UTF-8 (Latin-1 bytes from an old archive, say) cannot be opened that way."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", errors="backslashreplace")
+        raise ValueError(
+            f"The path {shown} is not valid UTF-8, and llama-cpp-python can only open UTF-8 paths: rename the file "
+            "(or the folder with the non-UTF-8 name) and load it again."
+        ) from None
+
+
 def _load(path: Path, info: ModelInfo, *, n_gpu_layers, n_ctx, n_threads, verbose, kwargs):
     """(the engine for `path`, the GPU layers it got)."""
     import llama_cpp
@@ -259,9 +273,10 @@ def load_model(
     rarely there). If the new one then fails to load, the previous one is loaded again, so the model you
     had keeps working.
     """
-    info = read_info(path)  # checks the file is there, is a GGUF, and holds all its tensor data
+    info = read_checked_info(path)  # the file is there, a GGUF model, every header value within llama.cpp's limits
     check_load_settings(n_gpu_layers, n_ctx, n_threads, info, kwargs)
     path = info.path.resolve()
+    _check_path_encoding(path)
     n_ctx = n_ctx or default_n_ctx(info)
     n_threads = n_threads or physical_cores()
     stat = path.stat()

@@ -8,6 +8,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 GGUF_MAGIC = b"GGUF"
 
@@ -44,6 +45,14 @@ class DamagedModelError(ValueError):
     """The GGUF header cannot be read: the file is truncated or damaged."""
 
 
+class NotAModelError(ValueError):
+    """The GGUF holds no model to run: a vocabulary-only file (a tokenizer without weights), for instance."""
+
+
+class UnsupportedModelError(ValueError):
+    """A readable GGUF that this llama-cpp-python cannot run: another GGUF version or an unknown architecture."""
+
+
 def check_gguf(path: str | os.PathLike) -> Path:
     """The path, if it exists and starts with the GGUF magic; else a clear error."""
     path = Path(path).expanduser()
@@ -62,104 +71,225 @@ def check_gguf(path: str | os.PathLike) -> Path:
 # GGUF value types: struct format of the scalars; 8 = string, 9 = array.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_UINT32 = 4
+_U64 = struct.Struct("<Q")
+
+# Limits of llama.cpp's GGUF reader (ggml/src/gguf.cpp, ggml/include/ggml.h in llama-cpp-python 0.3.36's
+# vendor/llama.cpp): arrays of at most 2^30 items, tensor names under 64 bytes, at most 4 dimensions.
+GGUF_VERSIONS = (2, 3)
+GGUF_MAX_ARRAY_ELEMENTS = 1 << 30
+GGML_MAX_NAME = 64
+GGML_MAX_DIMS = 4
+GGUF_DEFAULT_ALIGNMENT = 32
+_SHORT_ARRAY = 1024  # numeric arrays up to this length (per-layer values) keep their items
+
+
+@dataclass(frozen=True)
+class GGUFArray:
+    """A metadata array: its item type, length and items (strings as bytes; numeric arrays only when short)."""
+
+    item_type: int
+    length: int
+    items: tuple | None
+
+
+class TensorInfo(NamedTuple):
+    name: str
+    shape: tuple[int, ...]  # GGUF order: ne[0] (the row length) first
+    kind: int  # ggml type
+    offset: int  # from the start of the data section
 
 
 class _Header:
-    """A fast reader of the GGUF header: metadata scalars (arrays skipped) and tensor shapes."""
+    """A reader of the GGUF header that checks every length against the bytes left in the file, so a damaged
+    header gives a clear error, never a huge allocation or a long loop. Reads the mmap directly: no memoryview
+    is kept (one that outlived an exception's traceback made closing the mmap raise BufferError)."""
 
-    def __init__(self, data):
-        self.data, self.pos = data, 0
+    def __init__(self, data, describe):
+        self.data, self.pos, self.describe = data, 0, describe
 
-    def take(self, fmt):
+    def damaged(self, what: str) -> DamagedModelError:
+        return DamagedModelError(f"{self.describe} is damaged or truncated: {what}. Delete it and download it again.")
+
+    def need(self, n: int, what: str) -> None:
+        if n > len(self.data) - self.pos:
+            left = len(self.data) - self.pos
+            raise self.damaged(f"{what} at byte {self.pos:,} needs {n:,} bytes, only {left:,} are left in the file")
+
+    def take(self, fmt, what="a value"):
+        size = struct.calcsize("<" + fmt)
+        self.need(size, what)
         (value,) = struct.unpack_from("<" + fmt, self.data, self.pos)
-        self.pos += struct.calcsize(fmt)
+        self.pos += size
         return value
 
-    def string(self):
-        n = self.take("Q")
+    def raw_string(self, what="a string") -> bytes:
+        n = self.take("Q", f"the length of {what}")
+        self.need(n, f"{what} of {n:,} bytes")
         self.pos += n
-        return bytes(self.data[self.pos - n : self.pos]).decode("utf-8", errors="replace")
+        return self.data[self.pos - n : self.pos]  # mmap slicing copies: no exported buffer
 
-    def value(self, kind):
+    def strings(self, n: int, key: str) -> tuple[bytes, ...]:
+        """n length-prefixed strings (the vocabulary: tens of thousands, so one tight loop)."""
+        self.need(n * 8, f"the {n:,} strings of {key}")  # each has an 8-byte length
+        data, pos, end, length, items = self.data, self.pos, len(self.data), _U64.unpack_from, []
+        for i in range(n):
+            if end - pos < 8 or length(data, pos)[0] > end - pos - 8:
+                self.pos = pos
+                raise self.damaged(f"string {i} of {key} runs past the end of the file")
+            (k,) = length(data, pos)
+            items.append(data[pos + 8 : pos + 8 + k])
+            pos += 8 + k
+        self.pos = pos
+        return tuple(items)
+
+    def string(self, what="a string") -> str:
+        return self.raw_string(what).decode("utf-8", errors="replace")
+
+    def value(self, kind, key):
         if kind in _SCALARS:
-            return self.take(_SCALARS[kind])
+            return self.take(_SCALARS[kind], f"the value of {key}")
         if kind == _STRING:
-            return self.string()
+            return self.string(f"the value of {key}")
         if kind == _ARRAY:
-            item, n = self.take("I"), self.take("Q")
+            item, n = self.take("I", f"the item type of {key}"), self.take("Q", f"the length of {key}")
+            if n > GGUF_MAX_ARRAY_ELEMENTS:
+                raise self.damaged(f"{key} claims {n:,} items (llama.cpp reads at most {GGUF_MAX_ARRAY_ELEMENTS:,})")
             if item in _SCALARS:
-                self.pos += n * struct.calcsize(_SCALARS[item])
-            else:
-                for _ in range(n):
-                    self.value(item)
-            return None  # arrays (the vocabulary) are not needed here
-        raise ValueError(f"unknown GGUF value type {kind}")
+                size = struct.calcsize("<" + _SCALARS[item])
+                self.need(n * size, f"the {n:,} items of {key}")
+                items = None
+                if n <= _SHORT_ARRAY:
+                    items = struct.unpack_from(f"<{n}{_SCALARS[item]}", self.data, self.pos)
+                self.pos += n * size
+                return GGUFArray(item, n, items)
+            if item == _STRING:
+                return GGUFArray(item, n, self.strings(n, key))
+            raise self.damaged(f"{key} is an array of unknown GGUF type {item}")
+        raise self.damaged(f"{key} has unknown GGUF type {kind}")
 
 
 def _tensor_bytes(kind: int, shape: tuple[int, ...], sizes: dict) -> int:
-    """Bytes of a tensor of ggml type `kind` (0 for a type the gguf package's `sizes` table does not know)."""
-    block, size = sizes.get(kind, (1, 0))
+    """Bytes of a tensor of ggml type `kind` (its (block, bytes per block) in the gguf package's `sizes` table)."""
+    block, size = sizes[kind]
     return math.prod(shape) // block * size
 
 
-def read_header(path: Path) -> tuple[dict, list[tuple[str, tuple[int, ...]]]]:
-    """(metadata scalars, [(tensor name, shape), ...]) of a GGUF file."""
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        header = _Header(memoryview(data))
-        try:
-            if bytes(header.data[:4]) != GGUF_MAGIC:
-                raise NotGGUFError(f"{path} is not a GGUF model.")
-            header.pos = 4
-            version, n_tensors, n_kv = header.take("I"), header.take("Q"), header.take("Q")
-            if version < 2:
-                raise DamagedModelError(f"{path} is GGUF version {version}; only versions 2 and later are supported.")
-            metadata = {}
-            for _ in range(n_kv):
-                key = header.string()
-                metadata[key] = header.value(header.take("I"))
-            from gguf.constants import GGML_QUANT_SIZES
+def read_header(path: Path) -> tuple[dict, list[TensorInfo]]:
+    """(metadata, tensors) of a GGUF file. Every count, length, shape and offset is checked against the file and
+    against what llama.cpp's own reader (gguf.cpp) accepts; anything else is a DamagedModelError saying what."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < len(GGUF_MAGIC):
+            raise NotGGUFError(f"{path} is not a GGUF model (it is shorter than the 4-byte GGUF magic).")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _parse(_Header(data, str(path)))
 
-            sizes = {int(kind): block_and_size for kind, block_and_size in GGML_QUANT_SIZES.items()}
-            tensors, data_end = [], 0
-            for _ in range(n_tensors):
-                name = header.string()
-                shape = tuple(header.take("Q") for _ in range(header.take("I")))
-                kind, offset = header.take("I"), header.take("Q")
-                tensors.append((name, shape))
-                data_end = max(data_end, offset + _tensor_bytes(kind, shape, sizes))
-            alignment = int(metadata.get("general.alignment") or 32)
-            needed = -(-header.pos // alignment) * alignment + data_end
-            if n_tensors and needed > len(data):
-                raise DamagedModelError(
-                    f"{path} is truncated: its tensors need {needed:,} bytes but the file has {len(data):,}. "
-                    "Delete it and download it again."
-                )
-        except (struct.error, ValueError, UnicodeError) as error:
-            if isinstance(error, NotGGUFError | DamagedModelError):
-                raise
-            raise DamagedModelError(
-                f"{path} looks damaged or incomplete ({error}); delete it and download it again."
-            ) from error
-        finally:
-            header.data.release()  # even while an exception's traceback still refers to it: mmap can close
+
+def _parse(header: _Header) -> tuple[dict, list[TensorInfo]]:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if header.data[:4] != GGUF_MAGIC:
+        raise NotGGUFError(f"{header.describe} is not a GGUF model.")
+    header.pos = 4
+    version = header.take("I", "the GGUF version")
+    if version == 1 or (version > GGUF_VERSIONS[-1] and version & 0xFFFF):
+        raise UnsupportedModelError(
+            f"{header.describe} is GGUF version {version}; llama-cpp-python reads versions 2 and 3. "
+            + ("Download a newer conversion of the model." if version == 1 else "Upgrade llama-cpp-python.")
+        )
+    if version not in GGUF_VERSIONS:
+        raise header.damaged(f"its GGUF version is {version} (2 or 3 expected; a wrong byte order, or damage)")
+    n_tensors, n_kv = header.take("Q", "the tensor count"), header.take("Q", "the metadata count")
+    room = len(header.data) - header.pos
+    # The smallest metadata entry takes 14 bytes (name length, a 1-byte name, type, 1-byte value), the smallest
+    # tensor description 25 (name length, a 1-byte name, dimension count, type, offset).
+    if n_kv * 14 + n_tensors * 25 > room:
+        raise header.damaged(
+            f"its header claims {n_kv:,} metadata entries and {n_tensors:,} tensors, more than its {room:,} bytes hold"
+        )
+    metadata, types = {}, {}
+    for i in range(n_kv):
+        key = header.string(f"the name of metadata entry {i}")
+        if not key:
+            raise header.damaged(f"metadata entry {i} has an empty name")
+        if key in metadata:
+            raise header.damaged(f"metadata entry {key!r} appears twice")
+        types[key] = header.take("I", f"the type of {key}")
+        metadata[key] = header.value(types[key], key)
+    alignment = metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    if "general.alignment" in metadata and types["general.alignment"] != _UINT32:
+        raise header.damaged(f"general.alignment has GGUF type {types['general.alignment']}, not uint32")
+    if alignment <= 0 or alignment & (alignment - 1):
+        raise header.damaged(f"general.alignment is {alignment}, not a power of 2")
+    sizes = {int(kind): block_and_size for kind, block_and_size in GGML_QUANT_SIZES.items()}
+    tensors, names = [], set()
+    for i in range(n_tensors):
+        raw = header.raw_string(f"the name of tensor {i}")
+        name = raw.decode("utf-8", errors="replace")
+        if len(raw) >= GGML_MAX_NAME or name in names:
+            raise header.damaged(
+                f"tensor {i}'s name {name[:80]!r} is " + ("too long" if name not in names else "a duplicate")
+            )
+        names.add(name)
+        n_dims = header.take("I", f"the dimension count of {name}")
+        if n_dims > GGML_MAX_DIMS:
+            raise header.damaged(f"tensor {name} has {n_dims:,} dimensions (at most {GGML_MAX_DIMS})")
+        shape = tuple(header.take("Q", f"the shape of {name}") for _ in range(n_dims))
+        kind, offset = header.take("I", f"the type of {name}"), header.take("Q", f"the offset of {name}")
+        if kind not in sizes:
+            raise header.damaged(f"tensor {name} has ggml type {kind}, which is not a known tensor type")
+        if math.prod(shape) >= 2**63 or any(n >= 2**63 for n in shape):
+            raise header.damaged(f"tensor {name} has shape {shape}, too large for any file")
+        if (shape[0] if shape else 1) % sizes[kind][0]:
+            raise header.damaged(f"tensor {name}'s rows of {shape[0]} values are not whole blocks of its type")
+        tensors.append(TensorInfo(name, shape, kind, offset))
+    data_start = -(-header.pos // alignment) * alignment
+    expected = data_end = 0
+    for tensor in tensors:  # llama.cpp requires each tensor right after the previous one, padded to the alignment
+        if tensor.offset != expected:
+            raise header.damaged(f"tensor {tensor.name} starts at offset {tensor.offset:,} instead of {expected:,}")
+        nbytes = _tensor_bytes(tensor.kind, tensor.shape, sizes)
+        data_end = expected + nbytes
+        expected += -(-nbytes // alignment) * alignment
+    needed = data_start + data_end
+    if tensors and needed > len(header.data):
+        raise DamagedModelError(
+            f"{header.describe} is truncated: its tensors need {needed:,} bytes but the file has {len(header.data):,}. "
+            "Delete it and download it again."
+        )
     return metadata, tensors
+
+
+def _count(meta: dict, key: str, default: int) -> int:
+    """An integer hyper-parameter: the value, the first layer's of a per-layer array, else `default`."""
+    value = meta.get(key)
+    if isinstance(value, GGUFArray) and value.items and value.item_type != _STRING:
+        value = value.items[0]
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) and value == value else default
 
 
 def read_info(path: str | os.PathLike) -> ModelInfo:
     path = check_gguf(path)
     meta, tensors = read_header(path)
-    arch = meta.get("general.architecture") or "llama"
-    n_head = int(meta.get(f"{arch}.attention.head_count") or 1)
+    return model_info(path, meta, tensors)
+
+
+def model_info(path: Path, meta: dict, tensors: list[TensorInfo]) -> ModelInfo:
+    """The ModelInfo of a header read by `read_header` (values of a wrong type count as missing)."""
+    arch = meta.get("general.architecture")
+    arch = arch if isinstance(arch, str) and arch else "llama"
+    name = meta.get("general.name")
+    n_head = _count(meta, f"{arch}.attention.head_count", 0) or 1
     return ModelInfo(
         path=path,
         size_bytes=path.stat().st_size,
         architecture=arch,
-        name=meta.get("general.name") or path.stem,
-        n_layers=int(meta.get(f"{arch}.block_count") or 0),
-        n_embd=int(meta.get(f"{arch}.embedding_length") or 0),
+        name=name if isinstance(name, str) and name else path.stem,
+        n_layers=_count(meta, f"{arch}.block_count", 0),
+        n_embd=_count(meta, f"{arch}.embedding_length", 0),
         n_head=n_head,
-        n_head_kv=int(meta.get(f"{arch}.attention.head_count_kv") or n_head),
-        ctx_train=int(meta.get(f"{arch}.context_length") or 4096),
-        n_params=sum(math.prod(shape) for _, shape in tensors),
-        file_type=meta.get("general.file_type"),
+        n_head_kv=_count(meta, f"{arch}.attention.head_count_kv", 0) or n_head,
+        ctx_train=_count(meta, f"{arch}.context_length", 0) or 4096,
+        n_params=sum(math.prod(tensor.shape) for tensor in tensors),
+        file_type=_count(meta, "general.file_type", -1) if "general.file_type" in meta else None,
     )
