@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from helpers.backend import ModelUnloadedError, PromptProgress
-from helpers.fitting import fit_to_context
+from helpers.fitting import ContextOverflowError, fit_to_context
 from helpers.loading import as_model
 from helpers.settings import GenerationSettings
 
@@ -112,22 +112,28 @@ def stream(
     template: str | None = None,
     stats: GenerationStats | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    answer_prefix: str = "",
 ) -> Iterator[str]:
     """Yield the answer's text pieces as they are produced; `stats` (if given) is filled in as it goes.
 
     `llm` is a `helpers.Model` or a `llama_cpp.Llama`. A string prompt is a single user message. Setting
     `stop_event` ends the generation within one token, or within one graph computation while the prompt is
-    read. `on_progress(done, total)` is called (in this thread) as prompt tokens are read.
+    read. `on_progress(done, total)` is called (in this thread) as prompt tokens are read. `answer_prefix` is
+    the start of the answer (a Continue): the prompt ends with it, left open, and the yielded text continues it.
     """
     model = as_model(llm)
     settings = settings or GenerationSettings()
     stats = stats if stats is not None else GenerationStats()
     started = time.perf_counter()
     stats.finish_reason = "cancelled"
-    fitted = fit_to_context(model, as_messages(messages_or_prompt), settings.max_tokens, template, stop_event)
+    prefix = model.tokenize(answer_prefix) if answer_prefix else []
+    budget = settings.max_tokens + len(prefix)
+    fitted = fit_to_context(model, as_messages(messages_or_prompt), budget, template, stop_event)
     if fitted is None:
         return
-    prompt, stats.dropped_turns, room = fitted
+    prompt, stats.dropped_turns, room = fitted[0] + prefix, fitted.dropped, fitted.max_tokens - len(prefix)
+    if room < 1:
+        raise ContextOverflowError("The answer already fills the context: start a new turn, or Clear.")
     settings = settings if room == settings.max_tokens else settings.replace(max_tokens=room)
     stats.prompt_tokens = len(prompt)
     stats.seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**32 - 1)
@@ -135,6 +141,7 @@ def stream(
         return
 
     text = StopStrings(settings.stop)
+    text.started = bool(prefix)  # a continuation keeps its leading space
     first = last = started
     stats.finish_reason = "length"
     closings = model.closings
