@@ -53,7 +53,7 @@ def messages_shown(p):
     """(role, text) of each message in the transcript, in the order shown."""
     tree = Tree(p.transcript.value)
     shown = []
-    for tag, attrs, text in tree.of_class("l2t-msg"):
+    for _tag, attrs, text in tree.of_class("l2t-msg"):
         role = "user" if "l2t-user" in attrs["class"] else "assistant"
         name = "You" if role == "user" else "Assistant"
         shown.append((role, text.split(name, 1)[1]))
@@ -91,7 +91,10 @@ def test_generate_streams_the_same_answer_as_the_core(panel, smol):
     panel.wait(60)
     expected = generate(
         smol,
-        [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Name three rivers."}],
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Name three rivers."},
+        ],
         panel.settings(),
     )
     assert panel.history[-1]["content"] == expected.text
