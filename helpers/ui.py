@@ -35,6 +35,12 @@ REOPEN_NOTE = (
 _live_panels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def live_panel(llm):
+    """The live chat panel of a model (the last one `build_ui` made for it), or None."""
+    model = _model_of(llm)
+    return None if model is None else _live_panels.get(model)
+
+
 def _model_of(llm):
     """The `helpers.Model` behind `llm`, or None when there is none (no model given, or not a model)."""
     if llm is None:
@@ -312,7 +318,7 @@ class ChatPanel:
         return path
 
     def _launch(self, mode: str) -> bool:
-        if not self._busy.acquire(blocking=False):
+        if self.retired or not self._busy.acquire(blocking=False):
             return False
         try:
             self.error.value = ""
@@ -505,4 +511,4 @@ def build_ui(llm, *, system_prompt: str = "", settings: GenerationSettings | Non
     return ChatPanel(llm, system_prompt=system_prompt, settings=settings, template=template).widget
 
 
-__all__ = ["ChatPanel", "build_ui", "quant_picker", "render_markdown"]
+__all__ = ["ChatPanel", "build_ui", "live_panel", "quant_picker", "render_markdown"]

@@ -74,10 +74,16 @@ def panel(smol):
     return p
 
 
+def finish(p):
+    """Wait for the panel's generation (generously: this machine's two cores are often shared)."""
+    p.wait(900)
+    assert not p.thread.is_alive()
+
+
 def send(p, text):
     p.prompt.value = text
     p.generate_button.click()
-    p.wait(120)
+    finish(p)
 
 
 # --- generating -----------------------------------------------------------------------------------
@@ -88,7 +94,7 @@ def test_generate_streams_the_same_answer_as_the_core(panel, smol):
     panel.generate_button.click()
     assert panel.generate_button.disabled and not panel.stop_button.disabled
     assert panel.prompt.value == ""  # the question moved into the conversation at once
-    panel.wait(60)
+    finish(panel)
     expected = generate(
         smol,
         [
@@ -130,7 +136,7 @@ def test_stop_mid_generation_marks_the_answer(panel):
         assert time.time() < deadline
         time.sleep(0.01)
     panel.stop_button.click()
-    panel.wait(30)
+    finish(panel)
     assert panel.last_stats.finish_reason == "cancelled"
     assert panel.last_stats.completion_tokens < 400
     assert panel.history[-1]["finish"] == "cancelled"
@@ -146,7 +152,7 @@ def test_two_turns_in_order_and_the_follow_up_uses_the_history(panel, smol):
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[2]["content"] == first_answer
     panel.generate_button.click()
-    panel.wait(60)
+    finish(panel)
     assert [m["role"] for m in panel.history] == ["user", "assistant", "user", "assistant"]
     shown = messages_shown(panel)
     assert [role for role, _ in shown] == ["user", "assistant", "user", "assistant"]
@@ -159,7 +165,7 @@ def test_enter_in_the_prompt_box_sends(panel):
     panel.prompt.value = "Say hi."
     panel.prompt._handle_msg({"content": {"data": {"method": "custom", "content": {"event": "submit"}}}, "buffers": []})
     assert panel.thread is not None
-    panel.wait(60)
+    finish(panel)
     assert [m["role"] for m in panel.history] == ["user", "assistant"] and panel.history[0]["content"] == "Say hi."
 
 
@@ -174,7 +180,7 @@ def test_stop_while_the_prompt_is_read(panel):
         time.sleep(0.01)
     panel.stop_button.click()
     clicked = time.perf_counter()
-    panel.wait(30)
+    finish(panel)
     stats = panel.last_stats
     assert stats.finish_reason == "cancelled" and stats.completion_tokens == 0
     assert 0 < stats.prompt_read < stats.prompt_tokens  # stopped in the middle of the prompt
@@ -197,7 +203,7 @@ def test_double_click_starts_one_generation(panel):
     thread = panel.thread
     panel.generate_button.click()
     assert panel.start() is False and panel.regenerate() is False and panel.thread is thread
-    panel.wait(60)
+    finish(panel)
     assert len(panel.history) == 2
 
 
@@ -219,7 +225,7 @@ def test_regenerate_replaces_the_last_answer(panel, smol):
     send(panel, "Name a colour.")
     first, dialog = panel.history[-1]["content"], panel.messages()[:1] + panel.history[:1]
     panel.regenerate_button.click()
-    panel.wait(60)
+    finish(panel)
     assert [m["role"] for m in panel.history] == ["user", "assistant"]
     # The seed is fixed (5) and the cache off: the same answer again, as generate() gives it.
     expected = generate(smol, dialog, panel.settings())
@@ -229,7 +235,7 @@ def test_regenerate_replaces_the_last_answer(panel, smol):
     seeds = []
     for _ in range(2):
         panel.regenerate_button.click()
-        panel.wait(60)
+        finish(panel)
         seeds.append(panel.last_stats.seed)
     assert seeds[0] != seeds[1] and len(panel.history) == 2
 
@@ -244,7 +250,7 @@ def test_continue_extends_a_cut_answer(panel, smol):
     assert cut["finish"] == "length"
     assert "length limit" in Tree(panel.transcript.value).of_class("l2t-finish")[0][2]
     panel.continue_button.click()
-    panel.wait(60)
+    finish(panel)
     longer = panel.history[-1]["content"]
     assert len(panel.history) == 2 and longer.startswith(cut["content"].rstrip()) and len(longer) > len(cut["content"])
     assert panel.last_stats.completion_tokens > 1
@@ -268,7 +274,7 @@ def test_continue_prompt_is_the_turn_left_open(llama2_tiny_path):
         p.cache_prompt.value = True
         p.history = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon"}]
         p.continue_button.click()
-        p.wait(60)
+        finish(p)
         closed = llama2_pair_tokens(model, "Tell me a story.", "Once upon")  # BOS ... answer, " ", EOS
         prompt = model.cached_tokens()[: p.last_stats.prompt_tokens]
         assert prompt == closed[:-2] or prompt == closed[:-1]  # the space before EOS may merge into no token
@@ -320,7 +326,7 @@ def test_a_new_panel_for_the_model_retires_the_old_one(panel, smol):
     assert not panel.thread.is_alive() and panel.last_stats.finish_reason == "cancelled"
     assert "no longer live" in panel.note.value
     assert all(b.disabled for b in (panel.generate_button, panel.stop_button, panel.regenerate_button))
-    assert panel.start() is False or panel.thread is None or not panel.thread.is_alive()
+    assert panel.start() is False and not panel.thread.is_alive()
     newer.controls["max_tokens"].value = 8
     send(newer, "Hi")
     assert len(newer.history) == 2 and newer.note.value == ""
