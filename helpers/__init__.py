@@ -33,6 +33,8 @@ _EXPORTS = {
     "encode_chat": "templates",
     "available_templates": "templates",
     "template_for": "templates",
+    "SpecialTagError": "templates",
+    "ChatTemplateError": "templates",
     # generation
     "GenerationSettings": "settings",
     "PRESETS": "settings",

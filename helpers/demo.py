@@ -46,13 +46,13 @@ def run_notebook(path: str | Path, parameters: dict | None = None, *, extra_cell
 
 
 def printed(nb, tag: str) -> str:
-    """What the cells with `tag` wrote to stdout."""
+    """What the cells with `tag` printed, in order: stdout, and notices on stderr (e.g. "the Hub cannot be reached")."""
     return "".join(
         output.get("text", "")
         for cell in nb.cells
         if tag in cell.get("metadata", {}).get("tags", [])
         for output in cell.get("outputs", [])
-        if output.get("output_type") == "stream" and output.get("name") == "stdout"
+        if output.get("output_type") == "stream"
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from helpers.templates import (
+    check_special_tags,
     encode_chat,
     llama2_last_tokens,
     llama2_pair_tokens,
@@ -39,11 +40,16 @@ def fit_to_context(
     max_tokens: int,
     template: str | None = None,
     stop_event: threading.Event | None = None,
+    *,
+    allow_special_tags: bool = False,
 ) -> Fitted | None:
-    """The prompt that fits, or None if `stop_event` was set meanwhile."""
+    """The prompt that fits, or None if `stop_event` was set meanwhile. Llama 2 messages containing Meta's
+    special tags raise `SpecialTagError` unless `allow_special_tags` (see `helpers.templates`)."""
     dialog = validate_dialog(messages)
     n_ctx = model.n_ctx()
     template = template or model.template
+    if template == "llama-2" and not allow_special_tags:
+        check_special_tags(dialog)
     fit = _fit_llama2 if template == "llama-2" else _fit_by_search
     result = fit(model, dialog, n_ctx - max_tokens, template, stop_event)
     if result is None:

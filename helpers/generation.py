@@ -112,13 +112,16 @@ def stream(
     template: str | None = None,
     stats: GenerationStats | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    allow_special_tags: bool = False,
     answer_prefix: str = "",
 ) -> Iterator[str]:
     """Yield the answer's text pieces as they are produced; `stats` (if given) is filled in as it goes.
 
     `llm` is a `helpers.Model` or a `llama_cpp.Llama`. A string prompt is a single user message. Setting
     `stop_event` ends the generation within one token, or within one graph computation while the prompt is
-    read. `on_progress(done, total)` is called (in this thread) as prompt tokens are read. `answer_prefix` is
+    read. `on_progress(done, total)` is called (in this thread) as prompt tokens are read. A Llama 2 message
+    containing `[INST]`, `[/INST]`, `<<SYS>>` or `<</SYS>>` raises `SpecialTagError` (a ValueError) before the
+    model is used, as Meta's reference refuses it, unless `allow_special_tags=True` sends it as written. `answer_prefix` is
     the start of the answer (a Continue): the prompt ends with it, left open, and the yielded text continues it.
     """
     model = as_model(llm)
@@ -126,9 +129,10 @@ def stream(
     stats = stats if stats is not None else GenerationStats()
     started = time.perf_counter()
     stats.finish_reason = "cancelled"
+    messages = as_messages(messages_or_prompt)
     prefix = model.tokenize(answer_prefix) if answer_prefix else []
     budget = settings.max_tokens + len(prefix)
-    fitted = fit_to_context(model, as_messages(messages_or_prompt), budget, template, stop_event)
+    fitted = fit_to_context(model, messages, budget, template, stop_event, allow_special_tags=allow_special_tags)
     if fitted is None:
         return
     prompt, stats.dropped_turns, room = fitted[0] + prefix, fitted.dropped, fitted.max_tokens - len(prefix)

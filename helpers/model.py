@@ -176,15 +176,15 @@ class Model:
             self._template = template_for(self)
         return self._template
 
-    def encode_chat(self, messages, template: str | None = None) -> list[int]:
+    def encode_chat(self, messages, template: str | None = None, *, allow_special_tags: bool = False) -> list[int]:
         from helpers.templates import encode_chat
 
-        return encode_chat(self, messages, template)
+        return encode_chat(self, messages, template, allow_special_tags=allow_special_tags)
 
-    def render_chat(self, messages, template: str | None = None) -> str:
+    def render_chat(self, messages, template: str | None = None, *, allow_special_tags: bool = False) -> str:
         from helpers.templates import render_chat
 
-        return render_chat(messages, template or self.template, llm=self)
+        return render_chat(messages, template or self.template, llm=self, allow_special_tags=allow_special_tags)
 
     def stream(self, messages_or_prompt, settings: GenerationSettings | None = None, **kwargs) -> Iterator[str]:
         from helpers.generation import stream

@@ -43,7 +43,9 @@ class GenerationSettings:
     )
 
     # --- reproducibility and stopping ------------------------------------------------------------
-    seed: int | None = _setting(None, "Seed", (0, 2**32 - 1), 1, "none: a fresh random seed each time")
+    # 2**32-1 is llama.cpp's LLAMA_DEFAULT_SEED, which its sampler reads as "draw a random seed"
+    # (llama-sampler.cpp, get_rng_seed): it would not reproduce a text, so it is not a seed here.
+    seed: int | None = _setting(None, "Seed", (0, 2**32 - 2), 1, "none: a fresh random seed each time")
     stop: tuple[str, ...] = field(  # generation ends before any of these strings
         default_factory=tuple, metadata={"label": "Stop strings", "help": "generation ends before any of these"}
     )
@@ -65,7 +67,10 @@ class GenerationSettings:
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
-            object.__setattr__(self, "stop", tuple(self.stop))
+            try:
+                object.__setattr__(self, "stop", tuple(self.stop))
+            except TypeError:  # None, a number: not a collection of strings
+                raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}.") from None
         validate(self)
 
     def replace(self, **changes) -> GenerationSettings:
@@ -75,10 +80,6 @@ class GenerationSettings:
 def describe(name: str) -> dict:
     """A setting's metadata: label, help, and for numbers range, low_inclusive and step."""
     return dict(_FIELDS[name].metadata)
-
-
-def label(name: str) -> str:
-    return _FIELDS[name].metadata.get("label", name)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(GenerationSettings)}

@@ -5,8 +5,12 @@ the system prompt is glued in front of the first user message, every finished us
 encoded as `[INST] {user} [/INST] {answer} ` between a BOS and an EOS *token id*, the last user turn as
 `[INST] {user} [/INST]` after a BOS. Hugging Face's Llama-2-chat chat template renders the same as text.
 
-Other models use the chat template embedded in their GGUF (`tokenizer.chat_template`), rendered with
-Jinja the way Hugging Face's `apply_chat_template` renders it.
+Meta's `chat_completion` also refuses content containing `[INST]`, `[/INST]`, `<<SYS>>` or `<</SYS>>`
+(its `SPECIAL_TAGS`): in Llama 2's format they are plain text, so typed ones forge turns or a system prompt.
+Here they raise `SpecialTagError` unless the caller passes `allow_special_tags=True`.
+
+Other models use the chat template embedded in their GGUF (`tokenizer.chat_template`), rendered the way
+Hugging Face's transformers renders it (same sandbox, extensions and globals), with a time limit.
 
 Message content is always tokenized as plain text, so nothing a user types (`</s>`, `<|im_end|>`, ...)
 can become a control token.
@@ -14,16 +18,24 @@ can become a control token.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 import uuid
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from typing import NamedTuple
 
 from helpers.loading import as_model
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"
+
+SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")  # Meta's llama/generation.py
 
 ROLES = ("system", "user", "assistant")
 
@@ -61,14 +73,33 @@ def validate_dialog(messages: Sequence[Message]) -> list[Message]:
     return dialog
 
 
+class SpecialTagError(ValueError):
+    """A Llama 2 message contains one of Meta's special tags, which would forge a turn or a system prompt."""
+
+
+def check_special_tags(dialog: Sequence[Message]) -> None:
+    """Meta's rule (`chat_completion`): no message may contain `[INST]`, `[/INST]`, `<<SYS>>` or `<</SYS>>`."""
+    for i, message in enumerate(dialog):
+        found = [tag for tag in SPECIAL_TAGS if tag in message["content"]]
+        if found:
+            raise SpecialTagError(
+                f"Message {i} ({message['role']}) contains {' and '.join(found)}: Llama 2 reads "
+                f"{', '.join(SPECIAL_TAGS)} as the marks of its turns and system prompt, so text containing them "
+                "can fake a turn, which is why Meta's reference code refuses it. Remove them from the message, or "
+                "pass allow_special_tags=True to send them to the model as written."
+            )
+
+
 def merge_system(system: str, first_user: str) -> str:
     """Meta's merge of a system prompt into the first user message."""
     return B_SYS + system + E_SYS + first_user
 
 
-def _llama2_turns(messages: Sequence[Message]) -> tuple[list[tuple[str, str]], str]:
+def _llama2_turns(messages: Sequence[Message], allow_special_tags: bool) -> tuple[list[tuple[str, str]], str]:
     """Meta's merge: ([(user, answer), ...], last_user), contents stripped as Meta strips them."""
     dialog = validate_dialog(messages)
+    if not allow_special_tags:
+        check_special_tags(dialog)
     if dialog[0]["role"] == "system":
         first = dialog[1]
         dialog = [{"role": "user", "content": merge_system(dialog[0]["content"], first["content"])}] + dialog[2:]
@@ -84,9 +115,9 @@ def llama2_last_text(user: str) -> str:
     return f"{B_INST} {user} {E_INST}"
 
 
-def render_llama2(messages: Sequence[Message]) -> str:
+def render_llama2(messages: Sequence[Message], *, allow_special_tags: bool = False) -> str:
     """The prompt as text, as Hugging Face's Llama-2-chat template renders it."""
-    pairs, last = _llama2_turns(messages)
+    pairs, last = _llama2_turns(messages, allow_special_tags)
     text = "".join(BOS_TEXT + llama2_pair_text(u, a) + EOS_TEXT for u, a in pairs)
     return text + BOS_TEXT + llama2_last_text(last)
 
@@ -101,9 +132,9 @@ def llama2_last_tokens(model, user: str) -> list[int]:
     return [model.token_bos(), *_plain(model, llama2_last_text(user.strip()))]
 
 
-def encode_llama2(model, messages: Sequence[Message]) -> list[int]:
+def encode_llama2(model, messages: Sequence[Message], *, allow_special_tags: bool = False) -> list[int]:
     """The token ids Meta's `chat_completion` feeds Llama 2: one BOS per turn, EOS after each answer."""
-    pairs, last = _llama2_turns(messages)
+    pairs, last = _llama2_turns(messages, allow_special_tags)
     tokens: list[int] = []
     for user, answer in pairs:
         tokens += llama2_pair_tokens(model, user, answer)
@@ -115,20 +146,203 @@ def _plain(model, text: str) -> list[int]:
     return model.tokenize(text, special=False)
 
 
-# --- templates embedded in the GGUF (Hugging Face's Jinja rendering) -----------------------------
+# --- templates embedded in the GGUF (rendered as Hugging Face's transformers renders them) ----------
+#
+# transformers' `render_jinja_template` (utils/chat_template_utils.py, `_compile_jinja_template`) renders a chat
+# template in an ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks, the loopcontrols extension
+# ({% break %}, {% continue %}), a `{% generation %}` tag, the globals `raise_exception`, `strftime_now`, a
+# `dict` and a `namespace` that refuse underscore names, and a `tojson` filter that neither escapes HTML nor
+# ASCII. llama-cpp-python's `Jinja2ChatFormatter` has most of that (not the `dict`/`namespace` hardening), but it
+# returns one string, which llama-cpp-python tokenizes with special tokens parsed (typed control tokens become
+# real ones), and it has no time limit: so the environment is built here, and tests hold it against
+# transformers' own renderer.
+
+RENDER_TIME_LIMIT_S = 5.0  # a chat renders in milliseconds; a template looping for longer is runaway
+_MAX_REPEAT = 1_000_000  # longest string or list `*` may build in a template (the sandbox caps range() at 100,000)
 
 
-def _jinja_environment():
-    from jinja2.exceptions import TemplateError
+class ChatTemplateError(ValueError):
+    """The chat template embedded in the model's GGUF cannot render this dialog, or not safely."""
+
+
+class _RenderTimeout(Exception):
+    pass
+
+
+_deadline: ContextVar[float | None] = ContextVar("chat_template_deadline", default=None)
+
+
+def _check_deadline() -> None:
+    deadline = _deadline.get()
+    if deadline is not None and time.monotonic() > deadline:
+        raise _RenderTimeout
+
+
+class _Budgeted:
+    """An iterable of a template's `{% for %}` loop that checks the render deadline at each item."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items):
+        self._items = items
+
+    def __iter__(self):
+        for item in self._items:
+            _check_deadline()
+            yield item
+
+    def __len__(self):  # loop.length, loop.last, loop.revindex
+        return len(self._items)
+
+
+def _build_environment():
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
-        raise TemplateError(message)
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` renders its body (transformers only records where it is)."""
 
-    # As transformers' `_compile_jinja_template` sets it up.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    class RenderBudget(Extension):
+        """Every `{% for %}` iterates through `_Budgeted`, so a loop checks the deadline at each step."""
+
+        def budgeted(self, items):
+            return _Budgeted(items)
+
+    class ChatEnvironment(ImmutableSandboxedEnvironment):
+        # `*` and `**` are checked before they run: a template cannot build a giant string or number at once.
+        intercepted_binops = frozenset(["*", "**"])
+
+        def _parse(self, source, name, filename):
+            tree = super()._parse(source, name, filename)
+            budget = self.extensions[RenderBudget.identifier]
+            for loop in tree.find_all(nodes.For):
+                loop.iter = budget.call_method("budgeted", [loop.iter], lineno=loop.lineno)
+            return tree
+
+        def call(__self, __context, __obj, *args, **kwargs):  # every call in a template: macros, methods, loop()
+            _check_deadline()
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def call_binop(self, context, operator, left, right):
+            _check_deadline()
+            if operator == "*":
+                for sequence, count in ((left, right), (right, left)):
+                    if isinstance(sequence, (str, list, tuple)) and isinstance(count, int):
+                        if len(sequence) * count > _MAX_REPEAT:
+                            raise jinja2.exceptions.SecurityError(f"`*` would build more than {_MAX_REPEAT:,} items")
+            if operator == "**" and isinstance(right, int) and abs(right) > 1000 and left not in (0, 1, -1):
+                raise jinja2.exceptions.SecurityError("`**` with an exponent over 1000")
+            return super().call_binop(context, operator, left, right)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(format):
+        return datetime.now().strftime(format)
+
+    class TemplateDict:  # `dict(...)` without the class itself, as transformers gives it
+        def __call__(self, *args, **kwargs):
+            return dict(*args, **kwargs)
+
+        def fromkeys(self, *args, **kwargs):
+            return dict.fromkeys(*args, **kwargs)
+
+    class TemplateNamespace(jinja2.utils.Namespace):  # no underscore attributes, as in transformers
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            TemplateNamespace._check_name(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check_name(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"a namespace cannot store underscore names ({name!r})")
+
+    env = ChatEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, RenderBudget, loopcontrols])
+    env.filters["tojson"] = tojson
+    lipsum = env.globals["lipsum"]  # Jinja's filler text: its size is the caller's, so capped
+
+    def capped_lipsum(n=5, html=True, min=20, max=100):
+        if n > 100 or max > 1000:
+            raise jinja2.exceptions.SecurityError("lipsum() over 100 paragraphs of 1,000 words")
+        return lipsum(n, html, min, max)
+
+    env.globals.update(
+        raise_exception=raise_exception,
+        strftime_now=strftime_now,
+        dict=TemplateDict(),
+        namespace=TemplateNamespace,
+        lipsum=capped_lipsum,
+    )
     return env
+
+
+@lru_cache(maxsize=1)
+def _environment():
+    return _build_environment()
+
+
+@lru_cache(maxsize=16)
+def _compiled(source: str):
+    from jinja2.exceptions import TemplateSyntaxError
+
+    try:
+        return _environment().from_string(source)
+    except TemplateSyntaxError as e:
+        raise ChatTemplateError(
+            f"The chat template in this model's GGUF is not valid Jinja (line {e.lineno}: {e.message}); "
+            "pass template= one of: " + ", ".join(available_templates()) + "."
+        ) from None
+
+
+def render_template(source: str, *, time_limit: float | None = None, **variables) -> str:
+    """Render a chat template as transformers does, stopped with a `ChatTemplateError` after `time_limit`
+    seconds (default `RENDER_TIME_LIMIT_S`): every loop step, call and `*`/`**` checks the clock."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    limit = RENDER_TIME_LIMIT_S if time_limit is None else time_limit
+    token = _deadline.set(time.monotonic() + limit)
+    try:
+        return _compiled(source).render(**variables)
+    except _RenderTimeout:
+        raise ChatTemplateError(
+            f"The chat template in this model's GGUF was still rendering after {limit:g} s and was stopped "
+            "(a runaway loop); pass template= one of: " + ", ".join(available_templates()) + "."
+        ) from None
+    except RecursionError:
+        raise ChatTemplateError(
+            "The chat template in this model's GGUF recursed without end and was stopped."
+        ) from None
+    except SecurityError as e:
+        raise ChatTemplateError(
+            f"The chat template in this model's GGUF tried something unsafe and was stopped: {e}"
+        ) from None
+    except TemplateError as e:  # raise_exception(...), undefined names, bad filters
+        raise ChatTemplateError(f"The chat template in this model's GGUF refused this dialog: {e}") from None
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:  # a template's own bug
+        raise ChatTemplateError(
+            f"The chat template in this model's GGUF failed on this dialog ({type(e).__name__}: {e}); "
+            "pass template= one of: " + ", ".join(available_templates()) + "."
+        ) from None
+    finally:
+        _deadline.reset(token)
 
 
 def _token_text(model, token_id: int) -> str:
@@ -137,63 +351,137 @@ def _token_text(model, token_id: int) -> str:
     return model.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
 
-def _render_embedded(model, messages: Sequence[Message], content_of: Callable[[str], str]) -> str:
+def _render_embedded(model, dialog: Sequence[Message], contents: Sequence[str]) -> str:
     template = model.metadata.get("tokenizer.chat_template")
     if not template:
         raise ValueError(
             "This model has no chat template in its GGUF metadata; pass template='llama-2' or a known name."
         )
-    dialog = [{"role": m["role"], "content": content_of(m["content"])} for m in messages]
-    return (
-        _jinja_environment()
-        .from_string(template)
-        .render(
-            messages=dialog,
-            add_generation_prompt=True,
-            bos_token=_token_text(model, model.token_bos()),
-            eos_token=_token_text(model, model.token_eos()),
-        )
+    return render_template(
+        template,
+        messages=[{"role": m["role"], "content": c} for m, c in zip(dialog, contents)],
+        tools=None,  # as transformers passes them when there are none
+        documents=None,
+        add_generation_prompt=True,
+        bos_token=_token_text(model, model.token_bos()),
+        eos_token=_token_text(model, model.token_eos()),
     )
 
 
 def render_embedded(model, messages: Sequence[Message]) -> str:
-    validate_dialog(messages)
-    return _render_embedded(model, messages, content_of=lambda c: c)
+    dialog = validate_dialog(messages)
+    return _render_embedded(model, dialog, [m["content"] for m in dialog])
+
+
+def _placed_contents(rendered: str, texts: list[str], contents: list[str]) -> list[str] | None:
+    """How each use of a content appears in `rendered` (as is, or trimmed the way `| trim` / `.strip()` /
+    `.lstrip()` / `.rstrip()` trim it), given the template's own texts around the uses; None if the rendering
+    is not exactly `texts` with those contents in between."""
+    if not rendered.startswith(texts[0]):
+        return None
+    at, placed = len(texts[0]), []
+    for content, after in zip(contents, texts[1:]):
+        for candidate in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+            if rendered.startswith(candidate + after, at):
+                placed.append(candidate)
+                at += len(candidate) + len(after)
+                break
+        else:
+            return None
+    return placed if at == len(rendered) else None
 
 
 def encode_embedded(model, messages: Sequence[Message]) -> list[int]:
-    """Tokenize the rendered template as llama.cpp would (control tokens split out first, the text between
-    them tokenized as one piece), except that control-token spellings inside message content stay text."""
+    """Token ids of the rendered template: the template's own text with its control tokens parsed, each
+    message's content as plain text, whatever the template does with it (moves it, uses it twice, trims it).
+
+    The template is rendered twice: with the real contents, and with a unique sentinel in place of each
+    content. The sentinel rendering tells which content the template wrote where; substituting the contents
+    (trimmed where the template trims them) must give back the real rendering exactly. Then control tokens are
+    looked for only in the template's own text, and the text between two control tokens is tokenized as one
+    piece, as llama.cpp tokenizes a prompt. A template that changes content some other way (or branches on it)
+    falls back to tokenizing its rendering whole, which is only allowed when no content spells a control token.
+    """
     dialog = validate_dialog(messages)
-    mark = f"\x00{uuid.uuid4().hex}\x00"
-    parts = _render_embedded(model, dialog, content_of=lambda c: mark).split(mark)
-    # The control tokens the template itself writes, by spelling.
-    specials = {}
-    for part in parts:
-        for token in model.tokenize(part, special=True):
-            if model.is_control(token):
-                specials[_token_text(model, token)] = token
+    contents = [m["content"] for m in dialog]
+    rendered = _render_embedded(model, dialog, contents)
+
+    nonce = uuid.uuid4().hex
+    sentinel = re.compile(f"\ue000{nonce}:(\\d+)\ue001")
+    try:
+        marked = _render_embedded(model, dialog, [f"\ue000{nonce}:{i}\ue001" for i in range(len(dialog))])
+    except ChatTemplateError:  # the template checks content (refuses an empty one, say): no sentinels there
+        return _encode_rendered_whole(model, dialog, rendered)
+    pieces = sentinel.split(marked)
+    texts, uses = pieces[0::2], [int(i) for i in pieces[1::2]]
+    placed = None
+    if not any(nonce in text for text in texts):  # else the template cut or changed a sentinel
+        placed = _placed_contents(rendered, texts, [contents[i] for i in uses])
+    if placed is None:
+        return _encode_rendered_whole(model, dialog, rendered)
+
+    specials = {}  # the control tokens the template itself writes, by spelling
+    for text in set(texts):
+        for token in model.tokenize(text, special=True):
+            if model.is_control(token) and (spelling := _token_text(model, token)) not in specials:
+                specials[spelling] = _Special(
+                    token,  # llama.cpp's LSTRIP/RSTRIP attributes (Phi-3's tokens): whitespace beside them is dropped
+                    lstrip=model.tokenize(" \n" + spelling, special=True) == [token],
+                    rstrip=model.tokenize(spelling + " \n", special=True) == [token],
+                )
     pattern = re.compile("|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True)) or "(?!)")
 
     tokens: list[int] = []
-    text = ""
-    contents = iter(m["content"] for m in dialog)
-    for i, part in enumerate(parts):
+    run, after = "", None  # plain text since the last control token, and that token
+    for i, text in enumerate(texts):
         if i > 0:
-            text += next(contents)  # content: always plain text
+            run += placed[i - 1]  # content: always plain text
         position = 0
-        for match in pattern.finditer(part):
-            text += part[position : match.start()]
-            if text:
-                tokens += _plain(model, text)
-                text = ""
-            tokens.append(specials[match.group()])
-            position = match.end()
-        text += part[position:]
-    if text:
-        tokens += _plain(model, text)
+        for match in pattern.finditer(text):
+            special = specials[match.group()]
+            tokens += _plain_run(model, run + text[position : match.start()], after, special)
+            tokens.append(special.token)
+            run, after, position = "", special, match.end()
+        run += text[position:]
+    tokens += _plain_run(model, run, after, None)
+    return _with_bos(model, tokens)
+
+
+class _Special(NamedTuple):
+    token: int
+    lstrip: bool
+    rstrip: bool
+
+
+_C_SPACE = " \t\n\v\f\r"  # what llama.cpp's isspace() strips
+
+
+def _plain_run(model, text: str, after: _Special | None, before: _Special | None) -> list[int]:
+    """The text between two control tokens, as llama.cpp tokenizes a fragment of a prompt."""
+    if after is not None and after.rstrip:
+        text = text.lstrip(_C_SPACE)
+    if before is not None and before.lstrip:
+        text = text.rstrip(_C_SPACE)
+    return _plain(model, text) if text else []
+
+
+def _encode_rendered_whole(model, dialog: Sequence[Message], rendered: str) -> list[int]:
+    for i, message in enumerate(dialog):
+        content = message["content"]
+        if model.tokenize(content, special=True) != model.tokenize(content, special=False):
+            raise ChatTemplateError(
+                f"Message {i} ({message['role']}) spells a control token of this model, and this model's chat "
+                "template changes message content in a way that cannot be followed token by token, so it could "
+                "reach the model as a real control token. Remove the control token from the message, or pass "
+                "template= one of: " + ", ".join(available_templates()) + "."
+            )
+    return _with_bos(model, model.tokenize(rendered, special=True))
+
+
+def _with_bos(model, tokens: list[int]) -> list[int]:
+    """A BOS first when the model's tokenizer wants one and the template did not write it (never two)."""
     if model.add_bos and tokens[:1] != [model.token_bos()]:
-        tokens.insert(0, model.token_bos())
+        return [model.token_bos(), *tokens]
     return tokens
 
 
@@ -207,8 +495,13 @@ class Template:
 
 
 TEMPLATES = {
-    "llama-2": Template(render=lambda model, messages: render_llama2(messages), encode=encode_llama2),
-    "gguf": Template(render=render_embedded, encode=encode_embedded),
+    "llama-2": Template(
+        render=lambda model, messages, **options: render_llama2(messages, **options), encode=encode_llama2
+    ),
+    "gguf": Template(
+        render=lambda model, messages, **options: render_embedded(model, messages),
+        encode=lambda model, messages, **options: encode_embedded(model, messages),
+    ),
 }
 
 
@@ -246,16 +539,25 @@ def template_for(llm) -> str:
     )
 
 
-def render_chat(messages: Sequence[Message], template: str = "llama-2", llm=None) -> str:
-    """The human-readable prompt (Llama 2: identical to Hugging Face's Llama-2-chat template output)."""
+def render_chat(
+    messages: Sequence[Message], template: str = "llama-2", llm=None, *, allow_special_tags: bool = False
+) -> str:
+    """The human-readable prompt (Llama 2: identical to Hugging Face's Llama-2-chat template output).
+
+    `allow_special_tags=True` lets Llama 2 messages contain `[INST]`, `[/INST]`, `<<SYS>>`, `<</SYS>>`."""
     if template == "llama-2":
-        return render_llama2(messages)
+        return render_llama2(messages, allow_special_tags=allow_special_tags)
     if llm is None:
         raise ValueError(f"Template {template!r} comes from a model: pass llm=.")
-    return _lookup(template).render(as_model(llm), messages)
+    return _lookup(template).render(as_model(llm), messages, allow_special_tags=allow_special_tags)
 
 
-def encode_chat(llm, messages: Sequence[Message], template: str | None = None) -> list[int]:
-    """The token ids fed to the model; `template=None` picks the template from the model."""
+def encode_chat(
+    llm, messages: Sequence[Message], template: str | None = None, *, allow_special_tags: bool = False
+) -> list[int]:
+    """The token ids fed to the model; `template=None` picks the template from the model.
+
+    `allow_special_tags=True` lets Llama 2 messages contain `[INST]`, `[/INST]`, `<<SYS>>`, `<</SYS>>`
+    (otherwise `SpecialTagError`, as Meta's `chat_completion` refuses them)."""
     model = as_model(llm)
-    return _lookup(template or model.template).encode(model, messages)
+    return _lookup(template or model.template).encode(model, messages, allow_special_tags=allow_special_tags)

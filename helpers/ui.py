@@ -20,7 +20,7 @@ from functools import cache
 
 from helpers.generation import GenerationStats, stream
 from helpers.markdown import render_markdown
-from helpers.settings import PRESETS, GenerationSettings
+from helpers.settings import PRESETS, GenerationSettings, describe
 from helpers.transcript import conversation_html, export
 
 FLUSH_SECONDS = 0.1
@@ -120,14 +120,14 @@ class ChatPanel:
         self.system.style.description_width = "120px"
         self.preset = w.Dropdown(options=[*PRESETS, CUSTOM], value=CUSTOM, description="Preset", **label)
         self.controls = {name: self._control(w, name, getattr(settings, name), n_ctx, label) for name in _numeric()}
-        meta = _meta("seed")
+        meta = describe("seed")
         seed = "" if settings.seed is None else str(settings.seed)
         self.seed = w.Text(value=seed, description=meta["label"], placeholder="random", tooltip=meta["help"], **label)
-        meta = _meta("stop")
+        meta = describe("stop")
         self.stop_strings = w.Text(
             value=", ".join(settings.stop), description=meta["label"], placeholder="comma-separated", **label
         )
-        meta = _meta("cache_prompt")
+        meta = describe("cache_prompt")
         self.cache_prompt = w.Checkbox(
             value=settings.cache_prompt,
             description=f"{meta['label']}: {meta['help']}",
@@ -207,7 +207,7 @@ class ChatPanel:
 
     @staticmethod
     def _control(w, name, value, n_ctx, label):
-        meta = _meta(name)
+        meta = describe(name)
         low, high = meta["range"]
         if not meta["low_inclusive"]:
             low += meta["step"]
@@ -246,7 +246,7 @@ class ChatPanel:
     def settings(self) -> GenerationSettings:
         """The settings the controls show; ValueError, naming the control, when one cannot be used."""
         seed = self.seed.value.strip()
-        low, high = _meta("seed")["range"]
+        low, high = describe("seed")["range"]
         if seed and not (seed.isdigit() and low <= int(seed) <= high):
             raise ValueError(f"Seed must be a whole number from {low} to {high:,}, or empty for random; got {seed!r}.")
         stops = tuple(s for s in (part.strip() for part in self.stop_strings.value.split(",")) if s)
@@ -467,10 +467,6 @@ class ChatPanel:
     def _on_prompt_message(self, _widget, content, _buffers):
         if content.get("event") == "submit":
             self.start()
-
-
-def _meta(name: str) -> dict:
-    return next(f.metadata for f in dataclasses.fields(GenerationSettings) if f.name == name)
 
 
 def _numeric() -> list[str]:

@@ -1,18 +1,26 @@
 """`python -m helpers`: the generation core on the command line."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+from helpers.catalogue import OFFLINE_MODEL
 from helpers.generation import generate
 from helpers.settings import GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args):
+def run(*args, env=None):
+    """The CLI in a child process, its stdout and stderr captured apart."""
     return subprocess.run(
-        [sys.executable, "-m", "helpers", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "helpers", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -39,3 +47,20 @@ def test_bad_setting_is_a_clear_error(smol_path):
 def test_unknown_model_lists_the_catalogue():
     done = run("hi", "--model", "gpt-5")
     assert done.returncode == 2 and "available: llama-2-7b-chat" in done.stderr
+    assert done.stdout == ""
+
+
+def test_only_the_answer_reaches_stdout_when_the_hub_cannot_be_reached(smol, tmp_path):
+    """A piped answer holds the answer alone: the offline notice and the stats line go to stderr."""
+    offline = {
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: no connection, so the offline model is used
+        "HF_HUB_CACHE": str(tmp_path),
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    }
+    done = run("Name a fruit.", "--model", "llama-2-13b-chat", "--max-tokens", "16", "--seed", "5", env=offline)
+    assert done.returncode == 0, done.stderr
+    expected = generate(smol, "Name a fruit.", GenerationSettings(max_tokens=16, seed=5, cache_prompt=False))
+    assert done.stdout == expected.text + "\n"
+    notice, stats = done.stderr.strip().splitlines()
+    assert notice.startswith("The Hugging Face Hub cannot be reached") and OFFLINE_MODEL in notice
+    assert "tokens/s" in stats and "finish:" in stats

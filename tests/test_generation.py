@@ -15,7 +15,7 @@ CHAT = [
 ]
 
 
-def library_text(model, messages, settings):
+def library_text(model, messages, settings, seed=None):
     """llama-cpp-python's own completion on a fresh context (no KV prefix from the previous call)."""
     llm = model.llama
     llm.reset()
@@ -27,7 +27,7 @@ def library_text(model, messages, settings):
         top_k=settings.top_k,
         min_p=settings.min_p,
         repeat_penalty=settings.repeat_penalty,
-        seed=settings.seed,
+        seed=settings.seed if seed is None else seed,
     )
     return out["choices"][0]["text"], out["choices"][0]["finish_reason"], out["usage"]
 
@@ -160,6 +160,8 @@ BAD_SETTINGS = [
     ("repeat_penalty", 0.5),
     ("seed", -1),
     ("seed", True),
+    ("seed", 2**32 - 1),  # LLAMA_DEFAULT_SEED: llama.cpp draws a random seed instead
+    ("seed", 2**32),
 ]
 
 
@@ -175,7 +177,26 @@ def test_settings_defaults_follow_meta_and_presets_are_valid():
     assert GenerationSettings(stop="###").stop == ("###",)
     with pytest.raises(ValueError, match="stop must hold non-empty strings"):
         GenerationSettings(stop=("",))
+    for bad in (None, 5):
+        with pytest.raises(ValueError, match=rf"^stop must be a string or a list of non-empty strings, got {bad}\.$"):
+            GenerationSettings(stop=bad)
     assert defaults.cache_prompt is True
     with pytest.raises(ValueError, match="cache_prompt must be True or False, got 1"):
         GenerationSettings(cache_prompt=1)
     assert set(PRESETS) == {"Precise", "Balanced", "Creative"}
+
+
+def test_largest_seed_reproduces_and_the_next_is_llama_cpps_random(smol):
+    largest = GenerationSettings(max_tokens=24, seed=2**32 - 2, temperature=1.0, cache_prompt=False)
+    first = generate(smol, CHAT, largest).text
+    assert generate(smol, CHAT, largest).text == first == library_text(smol, CHAT, largest)[0]
+    # Why 2**32 - 1 is refused: llama-cpp-python passes it to llama.cpp, whose sampler reads it as "random".
+    drawn = {library_text(smol, CHAT, largest.replace(seed=None), seed=2**32 - 1)[0] for _ in range(3)}
+    assert len(drawn) > 1
+
+
+def test_a_random_seed_is_in_range_and_reproduces_its_text(smol):
+    settings = GenerationSettings(max_tokens=16, temperature=1.0, cache_prompt=False)
+    result = generate(smol, CHAT, settings)
+    assert 0 <= result.stats.seed <= 2**32 - 2
+    assert generate(smol, CHAT, settings.replace(seed=result.stats.seed)).text == result.text
