@@ -68,7 +68,7 @@ def lab(request, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 300  # the machine may be busy: a cold JupyterLab took over 90 s under load
     while True:
         try:
             urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
@@ -83,7 +83,7 @@ def lab(request, tmp_path):
     server.wait(30)
 
 
-def wait_for_idle_kernel(sessions_url, timeout=90):
+def wait_for_idle_kernel(sessions_url, timeout=300):
     """Until the notebook's kernel reports idle (asked over the server's REST API, the same for both apps)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
