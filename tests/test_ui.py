@@ -116,15 +116,18 @@ def test_generate_streams_the_same_answer_as_the_core(panel, smol):
 
 
 def test_the_conversation_grows_in_batches_and_in_order(panel):
-    values = []
-    panel.transcript.observe(lambda change: values.append(change["new"]), names="value")
+    from helpers.ui import FLUSH_SECONDS
+
+    values, times = [], []
+    panel.transcript.observe(lambda change: (values.append(change["new"]), times.append(time.perf_counter())), "value")
     panel.controls["max_tokens"].value = 120
     send(panel, "Write a long story about a lighthouse.")
-    tokens = panel.last_stats.completion_tokens
-    assert 2 < len(values) < tokens  # several updates, fewer than one per token
-    lengths = [len(Tree(v).texts and "".join(Tree(v).texts)) for v in values[1:-1]]
+    assert Tree(values[0]).of_class("l2t-user") and not Tree(values[0]).of_class("l2t-assistant")  # the question first
+    streamed = times[1:-1]  # between the question and the finished conversation
+    assert len(streamed) >= 3
+    assert min(b - a for a, b in zip(streamed, streamed[1:])) >= 0.8 * FLUSH_SECONDS  # at most every ~100 ms
+    lengths = [len("".join(Tree(v).texts)) for v in values[1:-1]]
     assert lengths == sorted(lengths)
-    assert Tree(values[0]).of_class("l2t-user")  # the question is shown before the answer starts
 
 
 def test_stop_mid_generation_marks_the_answer(panel):
