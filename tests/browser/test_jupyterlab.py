@@ -87,7 +87,10 @@ def wait_for_idle_kernel(sessions_url, timeout=300):
     """Until the notebook's kernel reports idle (asked over the server's REST API, the same for both apps)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        sessions = json.load(urllib.request.urlopen(sessions_url, timeout=5))
+        try:
+            sessions = json.load(urllib.request.urlopen(sessions_url, timeout=10))
+        except OSError:  # a busy server can be slow to answer: ask again
+            continue
         if sessions and sessions[0]["kernel"]["execution_state"] == "idle":
             return
         time.sleep(0.5)
