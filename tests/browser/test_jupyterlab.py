@@ -144,6 +144,9 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         assert transcript.locator("li strong").inner_text() == "pear"
         assert page.locator(".llama2-textgen-reopen").first.is_hidden()
 
+        def button(name):  # a widget button's name is its icon, a space, then its text
+            return page.get_by_role("button", name=re.compile(rf"^\s*{name}$"))
+
         def messages():
             return [
                 ("user" if "l2t-user" in (m.get_attribute("class") or "") else "assistant", m.inner_text())
@@ -162,7 +165,7 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
 
         # Turn 1 with the Generate button, turn 2 with Enter: both shown after the seeded turn, in order.
         prompt.fill("Name a river.")
-        page.get_by_role("button", name="Generate").click()
+        button("Generate").click()
         first_stats = wait_for_finish("")
         prompt.fill("Name a mountain.")
         prompt.press("Enter")
@@ -174,7 +177,7 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-conversation.png"), full_page=False)
 
         # Regenerate: a new answer to the last prompt, in place of the old one.
-        page.get_by_role("button", name="Regenerate").click()
+        button("Regenerate").click()
         wait_for_finish(second_stats)
         assert [role for role, _ in messages()] == ["user", "assistant"] * 3
 
@@ -195,18 +198,18 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
             time.sleep(0.15)
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-mid-answer.png"), full_page=False)
         assert len(lengths) >= 3 and lengths == sorted(lengths), lengths  # seen growing in the page
-        page.get_by_role("button", name="Stop", exact=True).click()
+        button("Stop").click()
         stopped = wait_for_finish(second_stats)
         assert "finish: cancelled" in stopped
         assert "stopped" in transcript.locator(".l2t-finish").last.inner_text()
-        assert page.get_by_role("button", name="Generate").is_enabled()
+        assert button("Generate").is_enabled()
 
         # Stop while a long prompt is read: the progress is shown, and Stop works.
         prompt.fill("Summarise: " + "The tide rises and falls twice a day along the coast. " * 150)
         prompt.press("Enter")
         stats.filter(has_text=re.compile(r"reading the prompt: [1-9][\d,]* / [\d,]+ tokens")).wait_for(timeout=60_000)
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-reading-prompt.png"), full_page=False)
-        page.get_by_role("button", name="Stop", exact=True).click()
+        button("Stop").click()
         stats.filter(has_text="stopped while reading the prompt").wait_for(timeout=30_000)
         assert prompt.input_value().startswith("Summarise")  # the question is back in the box
         transcript.scroll_into_view_if_needed()
