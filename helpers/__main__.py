@@ -25,15 +25,16 @@ def parse_args(argv):
     p.add_argument("--n-ctx", type=int, default=None)
     p.add_argument("--n-gpu-layers", default="auto")
     p.add_argument("--template", default=None, help="chat template name (default: chosen from the model)")
-    for f in dataclasses.fields(GenerationSettings):
-        flag, default = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name)
+    for f in dataclasses.fields(GenerationSettings):  # one option per setting, from its metadata
+        flag, default, meta = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name), f.metadata
         if f.name == "stop":
-            p.add_argument(flag, action="append", default=[], help="stop string (repeatable)")
+            p.add_argument(flag, action="append", default=[], help=f"{meta['help']} (repeatable)")
         elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
         else:
             kind = int if "int" in str(f.type) else float  # "int", "int | None" or "float"
-            p.add_argument(flag, type=kind, default=default)
+            low, high = meta["range"]
+            p.add_argument(flag, type=kind, default=default, help=f"{meta['label']}, {low}..{high}: {meta['help']}")
     return p.parse_args(argv)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from helpers.backend import ModelUnloadedError, PromptProgress
-from helpers.fitting import fit_to_context
+from helpers.fitting import ContextOverflowError, fit_to_context
 from helpers.loading import as_model
 from helpers.settings import GenerationSettings
 
@@ -113,6 +113,7 @@ def stream(
     stats: GenerationStats | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     allow_special_tags: bool = False,
+    answer_prefix: str = "",
 ) -> Iterator[str]:
     """Yield the answer's text pieces as they are produced; `stats` (if given) is filled in as it goes.
 
@@ -120,7 +121,8 @@ def stream(
     `stop_event` ends the generation within one token, or within one graph computation while the prompt is
     read. `on_progress(done, total)` is called (in this thread) as prompt tokens are read. A Llama 2 message
     containing `[INST]`, `[/INST]`, `<<SYS>>` or `<</SYS>>` raises `SpecialTagError` (a ValueError) before the
-    model is used, as Meta's reference refuses it, unless `allow_special_tags=True` sends it as written.
+    model is used, as Meta's reference refuses it, unless `allow_special_tags=True` sends it as written. `answer_prefix` is
+    the start of the answer (a Continue): the prompt ends with it, left open, and the yielded text continues it.
     """
     model = as_model(llm)
     settings = settings or GenerationSettings()
@@ -128,12 +130,14 @@ def stream(
     started = time.perf_counter()
     stats.finish_reason = "cancelled"
     messages = as_messages(messages_or_prompt)
-    fitted = fit_to_context(
-        model, messages, settings.max_tokens, template, stop_event, allow_special_tags=allow_special_tags
-    )
+    prefix = model.tokenize(answer_prefix) if answer_prefix else []
+    budget = settings.max_tokens + len(prefix)
+    fitted = fit_to_context(model, messages, budget, template, stop_event, allow_special_tags=allow_special_tags)
     if fitted is None:
         return
-    prompt, stats.dropped_turns, room = fitted
+    prompt, stats.dropped_turns, room = fitted[0] + prefix, fitted.dropped, fitted.max_tokens - len(prefix)
+    if room < 1:
+        raise ContextOverflowError("The answer already fills the context: start a new turn, or Clear.")
     settings = settings if room == settings.max_tokens else settings.replace(max_tokens=room)
     stats.prompt_tokens = len(prompt)
     stats.seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**32 - 1)
@@ -141,6 +145,7 @@ def stream(
         return
 
     text = StopStrings(settings.stop)
+    text.started = bool(prefix)  # a continuation keeps its leading space
     first = last = started
     stats.finish_reason = "length"
     closings = model.closings

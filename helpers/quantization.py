@@ -1,6 +1,9 @@
 """What quantization trades, measured: file size, bits per weight, load time, prompt and generation speed,
 and perplexity, for several GGUF files of one model; plus making those files from one model offline.
 
+Each file is measured in a child process (`python -m helpers.quantization`), so the model loaded in the
+notebook stays loaded and a crash in one measurement ends only that child.
+
 Perplexity is the standard one: exp of the mean negative log-likelihood of each token given the tokens
 before it, over consecutive windows of the context size (the first token of each window is not scored).
 """
@@ -8,8 +11,14 @@ before it, over consecutive windows of the context size (the first token of each
 from __future__ import annotations
 
 import ctypes
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +96,8 @@ class QuantRow:
 
 
 def measure(path: Path, *, text: str, n_ctx: int, gen_tokens: int, n_gpu_layers) -> QuantRow:
+    """Load, time and score one file in this process (it unloads whatever model is loaded: the notebook uses
+    `measure_in_child`)."""
     info = read_info(path)
     unload_model()
     start = time.perf_counter()
@@ -113,10 +124,43 @@ def measure(path: Path, *, text: str, n_ctx: int, gen_tokens: int, n_gpu_layers)
     )
 
 
+def measure_in_child(path: Path, *, text: str, n_ctx: int, gen_tokens: int, n_gpu_layers) -> QuantRow:
+    """`measure` in a child process. When it fails (an error, or a crash inside llama.cpp) the row holds NaN
+    and one line on stderr says why; this process and its loaded model are untouched."""
+    request = {
+        "path": str(Path(path).resolve()),
+        "text": text,
+        "n_ctx": n_ctx,
+        "gen_tokens": gen_tokens,
+        "n_gpu_layers": n_gpu_layers,
+    }
+    root = str(Path(__file__).resolve().parents[1])  # the folder holding helpers/
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    with tempfile.TemporaryDirectory() as folder:
+        result = Path(folder) / "row.json"
+        done = subprocess.run(
+            [sys.executable, "-m", "helpers.quantization", str(result)],
+            input=json.dumps(request),
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0 and result.is_file():
+            return QuantRow(**json.loads(result.read_text()))
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    why = lines[-1] if lines else f"exit status {done.returncode}"
+    print(f"Measuring {Path(path).name} failed ({why}); its row is left empty.", file=sys.stderr)
+    nan = math.nan
+    return QuantRow(Path(path).name, nan, nan, nan, nan, nan, nan)
+
+
 def compare_quantizations(paths, *, text: str = EVAL_TEXT, n_ctx: int = 512, gen_tokens: int = 64, n_gpu_layers="auto"):
-    """One row per GGUF file, models loaded one at a time and freed; returns a pandas DataFrame if pandas
-    is installed, else the rows."""
-    rows = [measure(Path(p), text=text, n_ctx=n_ctx, gen_tokens=gen_tokens, n_gpu_layers=n_gpu_layers) for p in paths]
+    """One row per GGUF file, each measured in a child process of its own (the model loaded here stays
+    loaded); returns a pandas DataFrame if pandas is installed, else the rows."""
+    rows = [
+        measure_in_child(Path(p), text=text, n_ctx=n_ctx, gen_tokens=gen_tokens, n_gpu_layers=n_gpu_layers)
+        for p in paths
+    ]
     try:
         import pandas as pd
     except ImportError:
@@ -216,12 +260,31 @@ def make_variants(source: Path, folder: Path, kinds=OFFLINE_TYPES) -> list[Path]
 ONLINE_TYPES = ("Q2_K", "Q4_K_M", "Q6_K")  # 2.8 + 4.1 + 5.5 GB for Llama 2 7B
 
 
-def files_to_compare(name: str, model_path: Path, folder: Path = Path("quantized")) -> list[Path]:
+def files_to_compare(name: str, model_path: Path, folder: Path = Path("quantized"), *, download: bool = False):
     """The files the notebook compares: variants made here from the bundled model when it is the one in
-    use, else a few quantizations of the catalogue model, downloaded."""
-    from helpers.catalogue import offline_model_path
+    use; else a few quantizations of the catalogue model, downloaded only when `download` is True (12 GB for
+    Llama 2 7B) and otherwise none (an empty list, after one line saying how to ask for them)."""
+    from helpers.catalogue import get_model, offline_model_path
     from helpers.download import download_model
 
     if Path(model_path) == offline_model_path():
         return [Path(model_path), *make_variants(Path(model_path), folder)]
+    if not download:
+        total = sum(get_model(name, kind).size_gb for kind in ONLINE_TYPES)
+        print(
+            f"Skipped: comparing {', '.join(ONLINE_TYPES)} of {name} downloads {total:.1f} GB. Set "
+            "COMPARE_HUB_QUANTIZATIONS = True in the parameters cell and run this cell again to measure them."
+        )
+        return []
     return [download_model(name, quant=kind) for kind in ONLINE_TYPES]
+
+
+def _child_main(result: str) -> None:
+    """The child's side of `measure_in_child`: the request on stdin, the row written to `result`."""
+    request = json.loads(sys.stdin.read())
+    row = measure(Path(request.pop("path")), **request)
+    Path(result).write_text(json.dumps(asdict(row)))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])

@@ -10,28 +10,58 @@ import math
 from dataclasses import dataclass, field
 
 
+def _setting(default, label: str, bounds: tuple, step, help: str, *, low_inclusive: bool = True):
+    """A field with its description: the label people read, its allowed range, the step of a slider and a
+    line of help. `validate`, the chat panel's controls and the command line are all built from it."""
+    return field(
+        default=default,
+        metadata={"label": label, "range": bounds, "low_inclusive": low_inclusive, "step": step, "help": help},
+    )
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     # --- length -------------------------------------------------------------------------------
-    max_tokens: int = 512  # 1..32768: tokens to generate at most (the context may lower it)
+    max_tokens: int = _setting(
+        512, "Max new tokens", (1, 32768), 1, "tokens to generate at most (the context may lower it)"
+    )
 
     # --- sampling -------------------------------------------------------------------------------
-    temperature: float = 0.6  # 0..2: 0 = always the most likely token (greedy)
-    top_p: float = 0.9  # (0, 1]: keep the smallest set of tokens whose probabilities sum to top_p
-    top_k: int = 40  # 0..1000: keep the k most likely tokens (0 = no limit)
-    min_p: float = 0.05  # 0..1: drop tokens less likely than min_p x the most likely one
-    repeat_penalty: float = 1.1  # 1..2: > 1 discourages repeating recent tokens (1 = off)
+    temperature: float = _setting(0.6, "Temperature", (0.0, 2.0), 0.05, "0 = always the most likely token (greedy)")
+    top_p: float = _setting(
+        0.9,
+        "Top p",
+        (0.0, 1.0),
+        0.05,
+        "keep the smallest set of tokens whose probabilities sum to top p",
+        low_inclusive=False,
+    )
+    top_k: int = _setting(40, "Top k", (0, 1000), 1, "keep the k most likely tokens (0 = no limit)")
+    min_p: float = _setting(0.05, "Min p", (0.0, 1.0), 0.01, "drop tokens less likely than min p x the most likely")
+    repeat_penalty: float = _setting(
+        1.1, "Repeat penalty", (1.0, 2.0), 0.05, "> 1 discourages repeating recent tokens (1 = off)"
+    )
 
     # --- reproducibility and stopping ------------------------------------------------------------
-    seed: int | None = None  # 0..2**32-2, or None for a fresh random seed each time (see _RANGES)
-    stop: tuple[str, ...] = field(default_factory=tuple)  # generation ends before any of these strings
+    # 2**32-1 is llama.cpp's LLAMA_DEFAULT_SEED, which its sampler reads as "draw a random seed"
+    # (llama-sampler.cpp, get_rng_seed): it would not reproduce a text, so it is not a seed here.
+    seed: int | None = _setting(None, "Seed", (0, 2**32 - 2), 1, "none: a fresh random seed each time")
+    stop: tuple[str, ...] = field(  # generation ends before any of these strings
+        default_factory=tuple, metadata={"label": "Stop strings", "help": "generation ends before any of these"}
+    )
 
     # --- speed ------------------------------------------------------------------------------------
     # Reuse the KV cache of the previous prompt and answer (llama.cpp server's name): only the tokens after
     # the longest common prefix are evaluated. Batched and single-token evaluation round differently, so a
     # cached run can diverge from a fresh one after a while; False evaluates every prompt afresh, and the
     # same seed then always gives the same text.
-    cache_prompt: bool = True
+    cache_prompt: bool = field(
+        default=True,
+        metadata={
+            "label": "Prompt cache",
+            "help": "reuse what the last prompt left in the KV cache (faster follow-ups)",
+        },
+    )
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -47,17 +77,17 @@ class GenerationSettings:
         return dataclasses.replace(self, **changes)
 
 
+def describe(name: str) -> dict:
+    """A setting's metadata: label, help, and for numbers range, low_inclusive and step."""
+    return dict(_FIELDS[name].metadata)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(GenerationSettings)}
+# field: (low, high, low_inclusive, integer), from the fields' metadata
 _RANGES = {
-    # field: (low, high, low_inclusive, integer)
-    "max_tokens": (1, 32768, True, True),
-    "temperature": (0.0, 2.0, True, False),
-    "top_p": (0.0, 1.0, False, False),
-    "top_k": (0, 1000, True, True),
-    "min_p": (0.0, 1.0, True, False),
-    "repeat_penalty": (1.0, 2.0, True, False),
-    # 2**32-1 is llama.cpp's LLAMA_DEFAULT_SEED, which its sampler reads as "draw a random seed"
-    # (llama-sampler.cpp, get_rng_seed): it would not reproduce a text, so it is not a seed here.
-    "seed": (0, 2**32 - 2, True, True),
+    f.name: (*f.metadata["range"], f.metadata["low_inclusive"], "int" in str(f.type))
+    for f in _FIELDS.values()
+    if "range" in f.metadata
 }
 
 

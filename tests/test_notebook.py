@@ -28,9 +28,17 @@ def kernel(request, monkeypatch):
 
 def test_notebook_runs_top_to_bottom(kernel, smol):
     versions = "import ipykernel, ipywidgets; print(ipykernel.__version__, ipywidgets.__version__)"
+    # After Run All (the quantization section included) the chat model is loaded and the panel answers.
+    chat = (
+        "panel = helpers.ui.live_panel(model)\n"
+        "panel.prompt.value = 'Say hi.'\n"
+        "panel.generate_button.click()\n"
+        "panel.wait(300)\n"
+        "print(model.closed, [m['role'] for m in panel.history], panel.controls['max_tokens'].value, panel.seed.value)"
+    )
     # The measured quantization section runs once (it takes about a minute), in the Jupyter kernel.
     parameters = {"OFFLINE": True, "MAX_TOKENS": 40, "SEED": 7, "COMPARE_QUANTIZATIONS": kernel == "jupyter"}
-    nb = run_notebook(NOTEBOOK, parameters, extra_cells=[versions])
+    nb = run_notebook(NOTEBOOK, parameters, extra_cells=[chat, versions])
     kernel_version, widgets_version = printed_by(nb.cells[-1]).split()
     if kernel == "colab":
         assert (kernel_version[0], widgets_version) == ("6", "7.7.1")
@@ -47,9 +55,12 @@ def test_notebook_runs_top_to_bottom(kernel, smol):
     )
     out = printed(nb, "demo")
     assert expected.text in out and "tokens/s" in out
-    # The chat panel rendered as a widget.
+    assert printed_by(nb.cells[-2]).strip() == "False ['user', 'assistant'] 40 7"
+    # The chat panel rendered as a widget, after a line for a saved copy opened without its kernel.
     panel = [c for c in nb.cells if "build_ui" in c.source][0]
-    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in panel.outputs)
+    assert len(panel.outputs) == 2
+    assert "Run the cells" in panel.outputs[0]["data"]["text/html"]
+    assert "application/vnd.jupyter.widget-view+json" in panel.outputs[1]["data"]
     if kernel == "jupyter":
         (quant,) = [c for c in nb.cells if "compare_quantizations" in c.source]
         html = "".join(o.get("data", {}).get("text/html", "") for o in quant.outputs)

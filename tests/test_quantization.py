@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from helpers.loading import load_model, unload_model
-from helpers.quantization import EVAL_TEXT, compare_quantizations, make_variants, perplexity, plot
+from helpers.quantization import EVAL_TEXT, compare_quantizations, files_to_compare, make_variants, perplexity, plot
+from helpers.settings import GenerationSettings
 
 
 def reference_perplexity(model, text, window):
@@ -67,9 +68,21 @@ def test_variants_made_offline(variants, smol_path):
     assert [p.stat().st_mtime_ns for p in variants] == mtimes
 
 
-def test_comparison_table_and_plot(variants, smol_path):
+def test_comparison_table_and_plot(variants, smol_path, tmp_path, capfd):
     f32, q8, q2 = variants
-    table = compare_quantizations([smol_path, f32, q8, q2], gen_tokens=16)
+    chat = load_model(smol_path)  # the notebook's chat model, loaded in this process
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(f32.read_bytes()[: 1 << 20])  # a GGUF cut short: its load fails in the child
+    table = compare_quantizations([smol_path, f32, broken, q8, q2], gen_tokens=16)
+    # Each file was measured in a child process: the model here is still loaded and usable.
+    assert (
+        not chat.closed
+        and load_model(smol_path) is chat
+        and chat.generate("Hi", GenerationSettings(max_tokens=2)).text is not None
+    )
+    assert table.loc["broken.gguf"].isna().all()
+    assert "Measuring broken.gguf failed" in capfd.readouterr().err
+    table = table.drop("broken.gguf")
     assert list(table.columns) == [
         "size_mb",
         "bits_per_weight",
@@ -88,3 +101,9 @@ def test_comparison_table_and_plot(variants, smol_path):
     assert (table["generation_tokens_per_s"] > 0).all() and (table["prompt_tokens_per_s"] > 0).all()
     fig = plot(table)
     assert len(fig.axes[0].collections[0].get_offsets()) == 4
+
+
+def test_hub_files_are_compared_only_when_asked(tmp_path, capsys):
+    elsewhere = tmp_path / "llama-2-7b-chat.Q4_K_M.gguf"  # not the bundled model: the Hub's files would be used
+    assert files_to_compare("llama-2-7b-chat", elsewhere) == []
+    assert "COMPARE_HUB_QUANTIZATIONS = True" in capsys.readouterr().out

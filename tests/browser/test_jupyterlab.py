@@ -1,9 +1,11 @@
 """End to end: JupyterLab 4 and Notebook 7 on 127.0.0.1, the notebook run in headless Chromium (Debian's package, driven by
-Playwright), a prompt typed in the panel, Generate clicked, the answer seen growing, Stop clicked.
-Screenshots are kept in test-artifacts/."""
+Playwright) with Run All, then the panel used without re-running anything: a seeded Markdown list shown as a list,
+two turns (one sent with Enter) shown in order, the answer seen growing, Regenerate, Stop mid-answer and Stop
+while a long prompt is read. Screenshots are kept in test-artifacts/."""
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -31,6 +33,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+SEEDED_ANSWER = "Three fruits:\n\n- apple\n- **pear**\n- plum"
 APPS = {"jupyterlab": ("lab", "lab/tree"), "notebook7": ("notebook", "notebooks")}
 
 
@@ -40,6 +43,9 @@ def lab(request, tmp_path):
     command, path = APPS[request.param]
     nb = nbformat.read(ROOT / "llama2_textgen.ipynb", as_version=4)
     inject_parameters(nb, {"OFFLINE": True, "COMPARE_QUANTIZATIONS": False, "MAX_TOKENS": 64})
+    # A conversation seeded through the panel's public API, as the last cell of Run All.
+    seeded = [{"role": "user", "content": "List three fruits."}, {"role": "assistant", "content": SEEDED_ANSWER}]
+    nb.cells.append(nbformat.v4.new_code_cell(f"helpers.ui.live_panel(model).history = {seeded!r}"))
     nbformat.write(nb, tmp_path / "llama2_textgen.ipynb")
     (tmp_path / "helpers").symlink_to(ROOT / "helpers")
     port, token = free_port(), secrets.token_hex(16)
@@ -62,7 +68,7 @@ def lab(request, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
+    deadline = time.time() + 300  # the machine may be busy: a cold JupyterLab took over 90 s under load
     while True:
         try:
             urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
@@ -77,11 +83,14 @@ def lab(request, tmp_path):
     server.wait(30)
 
 
-def wait_for_idle_kernel(sessions_url, timeout=90):
+def wait_for_idle_kernel(sessions_url, timeout=300):
     """Until the notebook's kernel reports idle (asked over the server's REST API, the same for both apps)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        sessions = json.load(urllib.request.urlopen(sessions_url, timeout=5))
+        try:
+            sessions = json.load(urllib.request.urlopen(sessions_url, timeout=10))
+        except OSError:  # a busy server can be slow to answer: ask again
+            continue
         if sessions and sessions[0]["kernel"]["execution_state"] == "idle":
             return
         time.sleep(0.5)
@@ -122,34 +131,87 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         prompt = page.get_by_placeholder("Ask something...")
         try:
             prompt.wait_for(timeout=120_000)
+            # the seeded conversation (the last cell) is there: Run All has ended
+            page.locator(".llama2-textgen-transcript li").first.wait_for(timeout=120_000)
         except PlaywrightTimeout:
             page.screenshot(path=str(ARTIFACTS / f"{app}-panel-missing.png"), full_page=True)
             raise
         prompt.scroll_into_view_if_needed()
-        page.locator(".llama2-textgen-stats").wait_for(state="attached")
-        # Settings: more tokens than the notebook's default, so there is time to press Stop.
-        page.get_by_text("System prompt and sampling").click()
-        max_tokens = page.locator(".widget-inline-hbox", has_text="Max tokens").locator("input")
+        transcript = page.locator(".llama2-textgen-transcript")
+        stats = page.locator(".llama2-textgen-stats")
+        # A Markdown list is shown as a list, raw markup gone; the line for a saved copy is hidden while live.
+        assert transcript.locator("ul > li").all_inner_texts() == ["apple", "pear", "plum"]
+        assert transcript.locator("li strong").inner_text() == "pear"
+        assert page.locator(".llama2-textgen-reopen").first.is_hidden()
+
+        def button(title):  # a widget button's title is its tooltip, or else its text
+            return page.locator(f"button.jupyter-button[title='{title}']")
+
+        def messages():
+            return [
+                ("user" if "l2t-user" in (m.get_attribute("class") or "") else "assistant", m.inner_text())
+                for m in transcript.locator(".l2t-msg").all()
+            ]
+
+        def wait_for_finish(seen_before, timeout=120):
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                text = stats.inner_text()
+                if "finish:" in text and text != seen_before:
+                    return text
+                time.sleep(0.2)
+            page.screenshot(path=str(ARTIFACTS / f"{app}-panel-no-finish.png"), full_page=False)
+            pytest.fail(f"no new stats line after {timeout} s: {stats.inner_text()!r}")
+
+        # Turn 1 with the Generate button, turn 2 with Enter: both shown after the seeded turn, in order.
+        prompt.fill("Name a river.")
+        button("Generate").click()
+        first_stats = wait_for_finish("")
+        prompt.fill("Name a mountain.")
+        prompt.press("Enter")
+        second_stats = wait_for_finish(first_stats)
+        shown = messages()
+        assert [role for role, _ in shown] == ["user", "assistant"] * 3, shown
+        assert ["Name a river." in shown[2][1], "Name a mountain." in shown[4][1]] == [True, True], shown
+        assert prompt.input_value() == ""
+        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-conversation.png"), full_page=False)
+
+        # Regenerate: a new answer to the last prompt, in place of the old one.
+        button("a new answer").click()
+        wait_for_finish(second_stats)
+        assert [role for role, _ in messages()] == ["user", "assistant"] * 3
+
+        # Stop mid-answer: more tokens than the notebook's default, so there is time to press Stop.
+        page.get_by_text("Settings: system prompt").click()
+        max_tokens = page.locator(".widget-inline-hbox", has_text="Max new tokens").locator("input")
         max_tokens.fill("400")
         max_tokens.press("Enter")
         prompt.fill("Write a long story about a cat who learns to sail.")
-        page.get_by_role("button", name="Generate").click()
-
-        answer = page.locator(".llama2-textgen-answer pre")
+        prompt.press("Enter")
+        answer = transcript.locator(".l2t-msg").nth(7)
         lengths = []
-        deadline = time.time() + 60
+        deadline = time.time() + 90
         while time.time() < deadline and len(lengths) < 4:
-            text = answer.inner_text()
+            text = answer.inner_text() if answer.count() else ""
             if text and (not lengths or len(text) > lengths[-1]):
                 lengths.append(len(text))
             time.sleep(0.15)
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-mid-answer.png"), full_page=False)
         assert len(lengths) >= 3 and lengths == sorted(lengths), lengths  # seen growing in the page
+        button("Stop").click()
+        stopped = wait_for_finish(second_stats)
+        assert "finish: cancelled" in stopped
+        assert "stopped" in transcript.locator(".l2t-finish").last.inner_text()
+        assert button("Generate").is_enabled()
 
-        page.get_by_role("button", name="Stop").click()
-        stats = page.locator(".llama2-textgen-stats")
-        stats.filter(has_text="finish:").wait_for(timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-stopped.png"), full_page=False)
-        assert "finish: cancelled" in stats.inner_text()
-        assert page.get_by_role("button", name="Generate").is_enabled()
+        # Stop while a long prompt is read: the progress is shown, and Stop works.
+        prompt.fill("Summarise: " + "The tide rises and falls twice a day along the coast. " * 150)
+        prompt.press("Enter")
+        stats.filter(has_text=re.compile(r"reading the prompt: [1-9][\d,]* / [\d,]+ tokens")).wait_for(timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-reading-prompt.png"), full_page=False)
+        button("Stop").click()
+        stats.filter(has_text="stopped while reading the prompt").wait_for(timeout=30_000)
+        assert prompt.input_value().startswith("Summarise")  # the question is back in the box
+        transcript.scroll_into_view_if_needed()
+        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-final.png"), full_page=False)
         browser.close()
