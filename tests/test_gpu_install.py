@@ -506,3 +506,67 @@ def test_cuda_offloads_every_layer_of_the_small_model(smol_path):
     result = generate(llm, "Tell me about GPUs.", GenerationSettings(max_tokens=64, seed=1))
     print(f"GPU: {result.stats.line()}")
     assert result.stats.tokens_per_second > 100
+
+
+# --- the GPU check script (it needs a GPU to run; here: its syntax, its dry run, its table) -------------
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_CHECK = ROOT / "bench" / "gpu_check.sh"
+
+
+def test_gpu_check_script_parses():
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True).returncode == 0
+
+
+def test_gpu_check_dry_run_shows_every_step(tmp_path):
+    env = os.environ | {
+        "PATH": f"{RECORDED}{os.pathsep}{os.environ['PATH']}",
+        "NVIDIA_SMI_CARD": "h100",
+        "GPU_CHECK_DIR": str(tmp_path),
+    }
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    steps = [line[2:] for line in done.stdout.splitlines() if line.startswith("+ ")]
+    assert "GPU: NVIDIA H100 80GB HBM3" in done.stdout
+    expected = ["-m helpers.install", "-m pytest -m gpu", "bench/make_llama2_gguf.py", "bench/scale.py", "gpu_table.py"]
+    assert [next(i for i, s in enumerate(steps) if e in s) for e in expected] == sorted(
+        next(i for i, s in enumerate(steps) if e in s) for e in expected
+    )
+    assert not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+def test_gpu_check_needs_a_gpu(tmp_path):
+    env = os.environ | {"PATH": f"{RECORDED}{os.pathsep}/usr/bin{os.pathsep}/bin", "NVIDIA_SMI_CARD": "none"}
+    done = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "needs one" in done.stderr
+
+
+def test_gpu_table_from_the_steps_output(capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_table import table
+
+    from helpers.install import InstallPlan, _done
+
+    _done(InstallPlan(argv=[], reason="NVIDIA H100 80GB HBM3: prebuilt cu125 wheel", kind="wheel"), start=0.0)
+    install_log = capsys.readouterr().out
+    # bench/scale.py's rows, printed as it prints them.
+    rows = [
+        (
+            "model",
+            "llama2-7b-shaped.Q4_0.gguf",
+            "Loaded llama2-7b-shaped.Q4_0.gguf: context 4096 tokens, all layers on the GPU.",
+        ),
+        ("turn 5 first token, cache on", "0.03 s", ""),
+        ("turn 5 first token, cache off", "0.21 s", ""),
+        ("prompt tokens/s, helpers.stream", "5123.40", "607-token prompt"),
+        ("generation tokens/s, helpers.stream", "150.20", "128 tokens, median of 3"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    scale = "\n".join(f"{name:<{width}}  {value:>12}  {note}" for name, value, note in rows)
+    result = dict(table(install_log, scale, "NVIDIA H100 80GB HBM3", 3_825_517_184))
+    assert result["install"].startswith("NVIDIA H100 80GB HBM3: prebuilt cu125 wheel, ")
+    assert result["layers offloaded"] == "all layers on the GPU"
+    assert (result["prompt tokens/s"], result["generation tokens/s"]) == ("5123.40", "150.20")
+    assert result["time to first token, 5th turn, cache off"] == "0.21 s"
+    ceiling = 3350e9 / 3_825_517_184  # H100 SXM: 3.35 TB/s
+    assert result["generation / bandwidth ceiling"].startswith(f"{150.20 / ceiling:.2f} of {ceiling:.0f} tokens/s")
