@@ -207,13 +207,17 @@ def detect_gpu(check_offload: bool = True, *, system: tuple[str, str] | None = N
 
 def metal_gpu() -> GPUInfo | None:
     """The Metal GPU of an Apple Silicon Mac: its memory is the RAM. Metal lets one process keep about
-    `recommendedMaxWorkingSetSize` resident on the GPU: 2/3 of RAM up to 36 GB, 3/4 above (Apple's figure
-    as llama.cpp logs it); free is that, or the RAM macOS can hand out now (vm_stat), whichever is less."""
+    `recommendedMaxWorkingSetSize` resident on the GPU: 2/3 of RAM up to 36 GB, 3/4 above (as llama.cpp's
+    Metal log shows it: 10922.67 MB on a 16 GB Mac), or `sysctl iogpu.wired_limit_mb` when that is set; free is
+    that, or the RAM macOS can hand out now (vm_stat), whichever is less."""
     memsize = _run(["sysctl", "-n", "hw.memsize"])
     if not memsize or not memsize.strip().isdigit():
         return None
     ram = int(memsize.strip())
     working_set = ram * 3 // 4 if ram > 36 * GiB else ram * 2 // 3
+    wired = (_run(["sysctl", "-n", "iogpu.wired_limit_mb"]) or "").strip()
+    if wired.isdigit() and int(wired) > 0:  # the user raised (or lowered) the limit: Metal reports that
+        working_set = min(ram, int(wired) * MiB)
     available = _vm_available(_run(["vm_stat"]) or "")
     chip = (_run(["sysctl", "-n", "machdep.cpu.brand_string"]) or "Apple Silicon").strip()
     return GPUInfo(

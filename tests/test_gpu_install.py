@@ -152,12 +152,13 @@ def test_no_gpu(fake_nvidia_smi, monkeypatch):
 @pytest.fixture
 def fake_mac(tmp_path, monkeypatch):
     """sysctl / vm_stat / sw_vers answering like a Mac with `ram_gib` of RAM and `available_gib` free;
-    no nvidia-smi on PATH."""
+    no working nvidia-smi."""
 
-    def install(ram_gib, available_gib):
+    def install(ram_gib, available_gib, wired_limit_mb=0):
         page = 16384
         answers = {
-            "sysctl": f'case "$2" in hw.memsize) echo {ram_gib * GiB};; *) echo "Apple M1 Pro";; esac',
+            "sysctl": f'case "$2" in hw.memsize) echo {ram_gib * GiB};; iogpu.wired_limit_mb) echo {wired_limit_mb};; '
+            '*) echo "Apple M1 Pro";; esac',
             "vm_stat": "cat <<'EOF'\n"
             + textwrap.dedent(
                 f"""\
@@ -171,6 +172,7 @@ def fake_mac(tmp_path, monkeypatch):
             )
             + "EOF",
             "sw_vers": "echo 15.1",
+            "nvidia-smi": "exit 9",  # a Mac has none; this hides a real one on a GPU host
         }
         for name, body in answers.items():
             script = tmp_path / name
@@ -190,6 +192,9 @@ def test_apple_silicon_reports_metal_with_unified_memory(fake_mac):
     assert "unified memory" in describe(replace(gpu, llama_cpp_offload=True))
     # The same tools on Linux are not a Metal GPU.
     assert detect_gpu(check_offload=False, system=LINUX) is None
+    # A raised limit (sudo sysctl iogpu.wired_limit_mb=14336) is what Metal then allows.
+    fake_mac(ram_gib=16, available_gib=15, wired_limit_mb=14336)
+    assert detect_gpu(check_offload=False, system=MAC).total_bytes == 14336 * MiB
 
 
 def test_apple_silicon_auto_layers_fill_unified_memory(fake_mac):
