@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VOCAB  := tests/data/ggml-vocab-llama-spm.gguf
 COLAB  := tests/data/colab-kernel
+# Named after the versions it holds, so that a checkout with an older overlay rebuilds it.
+COLAB_STAMP := $(COLAB)/.colab-ipykernel-6.17.1-ipython-7.34.0-ipywidgets-7.7.1
 
 LLAMA2_7B := quantized/llama2-7b-shaped.Q4_K_M.gguf
 
@@ -25,17 +27,21 @@ $(STAMP): requirements.txt requirements-dev.txt helpers/install.py helpers/gpu.p
 $(VOCAB): | $(STAMP)
 	$(BIN)/python tests/fetch_vocab.py $(dir $@)
 
-# What Colab runs (ipykernel 6, ipywidgets 7.7.1), for the notebook and widget tests (put on PYTHONPATH).
-$(COLAB): | $(STAMP)
-	rm -rf $@.part
-	$(BIN)/python -m pip install --quiet --no-deps --target $@.part ipykernel==6.29.5 ipywidgets==7.7.1 \
-		"widgetsnbextension==3.6.*" "jupyterlab_widgets==1.1.*" ipython_genutils==0.2.0 nest_asyncio
-	mv $@.part $@
+# What Colab runs (googlecolab/backend-info's pip freeze: ipykernel 6.17.1, IPython 7.34.0, ipywidgets 7.7.1,
+# widgetsnbextension 3.6.10), on this Python, for the notebook and widget tests (put on PYTHONPATH). IPython 7
+# also needs backcall, pickleshare and decorator, which today's IPython dropped.
+$(COLAB_STAMP): | $(STAMP)
+	rm -rf $(COLAB) $(COLAB).part
+	$(BIN)/python -m pip install --quiet --no-deps --target $(COLAB).part ipykernel==6.17.1 ipython==7.34.0 \
+		ipywidgets==7.7.1 widgetsnbextension==3.6.10 "jupyterlab_widgets==1.1.*" ipython_genutils==0.2.0 \
+		nest_asyncio backcall==0.2.0 pickleshare==0.7.5 "decorator>=4.4,<6"
+	touch $(COLAB).part/$(notdir $(COLAB_STAMP))
+	mv $(COLAB).part $(COLAB)
 
 demo: $(STAMP)
 	$(BIN)/python -m helpers.demo llama2_textgen.ipynb
 
-test: $(STAMP) $(VOCAB) $(COLAB)
+test: $(STAMP) $(VOCAB) $(COLAB_STAMP)
 	$(BIN)/python -m pytest
 
 # JupyterLab driven by headless Chromium (Debian's package; Playwright never downloads a browser).

@@ -96,6 +96,8 @@ def stop_latency(model, words: int, after_s: float) -> tuple[float, GenerationSt
         pass
     returned = time.perf_counter()
     timer.cancel()
+    if not asked:  # the whole answer came before the stop was due (a GPU reads the prompt in a second)
+        return 0.0, stats
     return returned - asked[0], stats
 
 

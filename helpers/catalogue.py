@@ -2,6 +2,10 @@
 
 Sizes, RAM and notes: the model cards of TheBloke/Llama-2-7B-Chat-GGUF and TheBloke/Llama-2-13B-chat-GGUF
 ("Max RAM required" is without GPU offload). Perplexity notes: llama.cpp's quantize table for LLaMA-7B.
+Llama 2 70B Chat: TheBloke/Llama-2-70B-Chat-GGUF. Its file list gives the sizes (29.3 GB for Q2_K ... 41.4 GB
+for Q4_K_M); the table below is TheBloke's for Llama 2 70B files (the same on his other Llama-2-70B cards).
+Q6_K and Q8_0 are over the Hub's 50 GB file limit, so they come in two parts, `<file>-split-a` and
+`<file>-split-b` (36.7 + 19.9 GB and 36.7 + 36.6 GB), joined in order (helpers/split_download.py).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ GB = 10**9
 ARCHITECTURE = {
     "llama-2-7b-chat": (32, 2 * 32 * 4096 * 2),  # 0.5 MiB per token: 2 GiB at n_ctx 4096
     "llama-2-13b-chat": (40, 2 * 40 * 5120 * 2),
+    # Grouped-query attention: 8 KV heads of 64, so the KV cache is 1/8 of n_embd wide (0.31 MiB per token).
+    "llama-2-70b-chat": (80, 2 * 80 * (8192 * 8 // 64) * 2),
     "smollm2-135m-instruct": (30, 2 * 30 * 192 * 2),
 }
 
@@ -30,6 +36,7 @@ class ModelFile:
     ram_gb: float
     note: str
     revision: str | None = None
+    parts: tuple[str, ...] = ()  # files in the repo that, joined in order, make `filename` (too big for one)
 
 
 _QUANTS_7B = {
@@ -63,6 +70,31 @@ _QUANTS_13B = {
     "Q8_0": (13.83, 16.33, "very large, extremely low quality loss - not recommended"),
 }
 
+_QUANTS_70B = {
+    "Q2_K": (29.28, 31.78, "smallest, significant quality loss - not recommended"),
+    "Q3_K_S": (29.92, 32.42, "very small, high quality loss"),
+    "Q3_K_M": (33.19, 35.69, "very small, high quality loss"),
+    "Q3_K_L": (36.15, 38.65, "small, substantial quality loss"),
+    "Q4_0": (38.87, 41.37, "legacy; small, very high quality loss - prefer Q3_K_M"),
+    "Q4_K_S": (39.07, 41.57, "small, greater quality loss"),
+    "Q4_K_M": (41.42, 43.92, "medium, balanced quality - recommended"),
+    "Q5_0": (47.46, 49.96, "legacy; medium, balanced quality - prefer Q4_K_M"),
+    "Q5_K_S": (47.46, 49.96, "large, low quality loss - recommended"),
+    "Q5_K_M": (48.75, 51.25, "large, very low quality loss - recommended"),
+    "Q6_K": (56.59, 59.09, "very large, extremely low quality loss (two parts, joined after download)"),
+    "Q8_0": (73.29, 75.79, "very large, extremely low quality loss - not recommended (two parts, joined)"),
+}
+_SPLIT_70B = {"Q6_K", "Q8_0"}
+
+# Which GPUs a model needs, all layers offloaded at n_ctx 4096 (70B: weights + 1.25 GiB of KV cache + scratch).
+GPU_ADVICE = {
+    "llama-2-70b-chat": (
+        "Llama 2 70B needs an 80 GB GPU (A100 80GB, H100: Colab's H100 runtime) for Q4_K_M up to Q8_0 with every "
+        "layer on the GPU, or a 40-48 GB one (A100 40GB, A6000, L40S) for Q2_K-Q3_K_M; a T4 or a 24 GB card holds "
+        "only part of the layers and the rest runs on the CPU, which also needs the RAM figure (44 GB for Q4_K_M)."
+    ),
+}
+
 DEFAULT_QUANT = "Q4_K_M"
 DEFAULT_MODEL = "llama-2-7b-chat"
 OFFLINE_MODEL = "smollm2-135m-instruct"
@@ -78,6 +110,15 @@ MODELS: dict[str, dict[str, ModelFile]] = {
     "llama-2-13b-chat": {
         q: ModelFile("TheBloke/Llama-2-13B-chat-GGUF", f"llama-2-13b-chat.{q}.gguf", *facts)
         for q, facts in _QUANTS_13B.items()
+    },
+    "llama-2-70b-chat": {
+        q: ModelFile(
+            "TheBloke/Llama-2-70B-Chat-GGUF",
+            f"llama-2-70b-chat.{q}.gguf",
+            *facts,
+            parts=tuple(f"llama-2-70b-chat.{q}.gguf-split-{x}" for x in "ab") if q in _SPLIT_70B else (),
+        )
+        for q, facts in _QUANTS_70B.items()
     },
     OFFLINE_MODEL: {
         "Q4_1": ModelFile(
@@ -137,8 +178,11 @@ def advice(name: str, gpu, ram_bytes: int, n_ctx: int = 4096) -> str:
 
     quant = recommend(name, gpu_free_bytes=gpu.free_bytes if gpu else None, ram_bytes=ram_bytes)
     entry = get_model(name, quant)
+    needs = f" {GPU_ADVICE[name]}" if name in GPU_ADVICE else ""
     if gpu is None:
-        return f"Recommended: {name} {quant} ({entry.size_gb:.2f} GB file, {entry.ram_gb:.2f} GB RAM), on the CPU."
+        return (
+            f"Recommended: {name} {quant} ({entry.size_gb:.2f} GB file, {entry.ram_gb:.2f} GB RAM), on the CPU.{needs}"
+        )
     n_layers, kv = ARCHITECTURE[name]
     layers = auto_gpu_layers(
         model_bytes=int(entry.size_gb * GB),
@@ -149,7 +193,7 @@ def advice(name: str, gpu, ram_bytes: int, n_ctx: int = 4096) -> str:
         total_bytes=gpu.total_bytes,
     )
     where = "all layers on the GPU" if layers > n_layers else f"{layers} of {n_layers + 1} layers on the GPU"
-    return f"Recommended: {name} {quant} ({entry.size_gb:.2f} GB), {where} at n_ctx={n_ctx}."
+    return f"Recommended: {name} {quant} ({entry.size_gb:.2f} GB), {where} at n_ctx={n_ctx}.{needs}"
 
 
 def recommend(name: str, *, gpu_free_bytes: int | None, ram_bytes: int) -> str:

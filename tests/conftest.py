@@ -49,7 +49,14 @@ def pytest_collection_modifyitems(config, items):
     from helpers.gpu import detect_gpu
 
     needs_gpu = [item for item in items if "gpu" in item.keywords]
-    if needs_gpu and detect_gpu() is None:
-        skip = pytest.mark.skip(reason="no NVIDIA GPU on this machine (nvidia-smi not found or no device)")
-        for item in needs_gpu:
-            item.add_marker(skip)
+    if not needs_gpu:
+        return
+    gpu = detect_gpu()
+    if gpu is None:
+        reason = "no NVIDIA GPU on this machine (nvidia-smi not found or no device)"
+    elif not gpu.llama_cpp_offload:
+        reason = f"{gpu.name} found, but this llama-cpp-python build cannot offload (a CPU-only build)"
+    else:
+        return
+    for item in needs_gpu:
+        item.add_marker(pytest.mark.skip(reason=reason))

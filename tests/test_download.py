@@ -151,7 +151,7 @@ def test_not_enough_disk_stops_before_downloading(hub, tmp_path, monkeypatch):
 
 
 def test_catalogue():
-    assert available_models() == ["llama-2-7b-chat", "llama-2-13b-chat", OFFLINE_MODEL]
+    assert available_models() == ["llama-2-7b-chat", "llama-2-13b-chat", "llama-2-70b-chat", OFFLINE_MODEL]
     entry = get_model("llama-2-7b-chat")
     assert (entry.filename, entry.size_gb, entry.ram_gb) == ("llama-2-7b-chat.Q4_K_M.gguf", 4.08, 6.58)
     with pytest.raises(ValueError, match="available: llama-2-7b-chat, llama-2-13b-chat"):

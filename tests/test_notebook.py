@@ -38,6 +38,7 @@ def test_notebook_runs_top_to_bottom(kernel, smol):
     )
     # The measured quantization section runs once (it takes about a minute), in the Jupyter kernel.
     parameters = {"OFFLINE": True, "MAX_TOKENS": 40, "SEED": 7, "COMPARE_QUANTIZATIONS": kernel == "jupyter"}
+    parameters["INSTALL"] = False  # never replace the test environment's llama-cpp-python (a GPU host's plan may)
     nb = run_notebook(NOTEBOOK, parameters, extra_cells=[chat, versions])
     kernel_version, widgets_version = printed_by(nb.cells[-1]).split()
     if kernel == "colab":
@@ -85,7 +86,8 @@ def nb_parameter(nb, name):
 def test_make_demo_falls_back_to_the_offline_model_with_one_line():
     env = os.environ | {"HF_ENDPOINT": "http://127.0.0.1:9"}  # a Hub that cannot be reached
     done = subprocess.run(
-        [sys.executable, "-m", "helpers.demo", str(NOTEBOOK), "MAX_TOKENS=24", "COMPARE_QUANTIZATIONS=False"],
+        [sys.executable, "-m", "helpers.demo", str(NOTEBOOK), "MAX_TOKENS=24", "COMPARE_QUANTIZATIONS=False"]
+        + ["INSTALL=False"],  # never replace the test environment's llama-cpp-python
         cwd=ROOT,
         env=env,
         capture_output=True,
