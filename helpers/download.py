@@ -437,6 +437,12 @@ def download_model(
 
     if name_or_repo == OFFLINE_MODEL:
         return offline_model_path()
+    if name_or_repo in MODELS and filename is None and get_model(name_or_repo, quant).parts:
+        from helpers.split_download import download_split_model  # it downloads each part through this function
+
+        return download_split_model(
+            name_or_repo, quant=quant, revision=revision, cache_dir=cache_dir, token=token, endpoint=endpoint
+        )
     request = _Request(*resolve(name_or_repo, filename, quant, revision), cache_dir, token, endpoint)
     stall = deadlines.stall if deadlines.stall is not None else max(60.0, constants.HF_HUB_DOWNLOAD_TIMEOUT)
     with _deadline_on_downloads(stall):

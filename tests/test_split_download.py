@@ -62,6 +62,13 @@ def test_parts_downloaded_joined_and_parts_removed(split_hub, tmp_path, smol_pat
     )
 
 
+def test_the_notebook_path_joins_parts_too(split_hub, tmp_path, smol_path):
+    """resolve_model (the notebook's download cell) hands a catalogue file in parts to download_split_model."""
+    with HubServer(split_hub) as url:
+        path = download.resolve_model("llama-2-70b-chat", "Q6_K", cache_dir=tmp_path, endpoint=url)
+    assert path.name == ENTRY.filename and sha256(path) == sha256(smol_path)
+
+
 def test_keep_parts(split_hub, tmp_path):
     with HubServer(split_hub) as url:
         download_split_model("llama-2-70b-chat", quant="Q6_K", cache_dir=tmp_path / "c", endpoint=url, keep_parts=True)
