@@ -267,3 +267,34 @@ def test_parallel_slots_serve_concurrent_clients(smol_path):
     assert report.errors == [] and len(report.results) == 8
     assert all(r.finish_reason in ("stop", "length") and r.completion_tokens >= 1 for r in report.results)
     assert statistics.median(r.ttft_s for r in report.results) > 0
+
+
+# --- the notebook ---------------------------------------------------------------------------------------
+
+
+@needs_server
+def test_notebook_uses_the_server_instead_of_loading(server_url):
+    from pathlib import Path
+
+    from helpers.demo import run_notebook
+
+    notebook = Path(__file__).resolve().parents[1] / "llama2_textgen.ipynb"
+    parameters = {
+        "SERVER_URL": server_url,
+        "OFFLINE": True,
+        "MAX_TOKENS": 24,
+        "SEED": 7,
+        "COMPARE_QUANTIZATIONS": False,
+    }
+    nb = run_notebook(notebook, parameters)
+    printed = {
+        cell.source.splitlines()[0]: "".join(o.get("text", "") for o in cell.get("outputs", []))
+        for cell in nb.cells
+        if cell.cell_type == "code" and cell.source
+    }
+    assert printed["# connect to a server (optional)"].startswith("Connected to ")
+    assert printed["# download the model"].strip() == "None"  # nothing downloaded
+    assert "<helpers.RemoteModel" in printed["# load the model"]  # nothing loaded in the kernel
+    assert "tokens/s" in printed["# generate"] and "finish:" in printed["# generate"]
+    panel = [c for c in nb.cells if "build_ui" in c.source][0]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in panel.outputs)
