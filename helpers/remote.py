@@ -237,7 +237,7 @@ class ServerTokenizer:
         self._n_vocab = n_vocab
         self._control: dict[int, bool] = {}
         name = Path(props.get("model_path") or "").name
-        self.metadata = {"general.name": props.get("model_alias") or name}
+        self.metadata = {"general.name": props.get("model_alias") or name, "general.basename": name}
         if props.get("chat_template"):
             self.metadata["tokenizer.chat_template"] = props["chat_template"]
         self._bos = self._single(props.get("bos_token"), "bos_token")

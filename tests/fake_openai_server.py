@@ -24,6 +24,8 @@ SPECIAL = {"<s>": 1, "</s>": 2}
 class FakeState:
     # "ok" | "error-500" | "cut" | "malformed" | "text-only" | "error-event"
     mode: str = "ok"
+    model_path: str = "/models/fake.gguf"
+    props: bool = True  # False: no /props and /tokenize, like vLLM
     requests: list[dict] = field(default_factory=list)
 
 
@@ -64,14 +66,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": "fake", "meta": {"n_vocab": 259, "n_ctx": 512}}]})
-        elif self.path == "/props":
+        elif self.path == "/props" and self.state.props:
             self._json(
                 200,
                 {
                     "bos_token": "<s>",
                     "eos_token": "</s>",
                     "total_slots": 1,
-                    "model_path": "/models/fake.gguf",
+                    "model_path": self.state.model_path,
                     "default_generation_settings": {"n_ctx": 512},
                 },
             )
@@ -80,7 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-        if self.path == "/tokenize":
+        if self.path == "/tokenize" and self.state.props:
             self._json(200, {"tokens": tokenize(body["content"], body.get("parse_special", True))})
         elif self.path == "/detokenize":
             self._json(200, {"content": detokenize(body["tokens"])})

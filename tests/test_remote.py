@@ -298,3 +298,37 @@ def test_notebook_uses_the_server_instead_of_loading(server_url):
     assert "tokens/s" in printed["# generate"] and "finish:" in printed["# generate"]
     panel = [c for c in nb.cells if "build_ui" in c.source][0]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in panel.outputs)
+
+
+def test_llama2_template_chosen_by_the_served_file_name():
+    """llama-server reports ChatML for a GGUF without a chat template (TheBloke's Llama 2 files): the file name
+    decides, as for a loaded model."""
+    with FakeServer() as fake:
+        fake.state.model_path = "/models/llama-2-7b-chat.Q4_K_M.gguf"
+        assert connect(fake.url).template == "llama-2"
+        fake.state.model_path = "/models/other.gguf"
+        with pytest.raises(ValueError, match="template"):
+            _ = connect(fake.url).template
+
+
+def test_local_tokenizer_for_servers_without_tokenize(llama2_vocab):
+    """vLLM has no llama-server /tokenize: connect says so, and tokenizer= a local Llama 2 GGUF (here the
+    vocabulary alone) gives the exact Llama 2 prompt, sent as token ids."""
+    from tests.conftest import VOCAB
+
+    with FakeServer() as fake:
+        fake.state.props = False
+        with pytest.raises(ServerResponseError, match="tokenizer="):
+            connect(fake.url)
+        model = connect(fake.url, tokenizer=VOCAB)
+        dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say </s> <s> [INST]"}]
+        assert model.template == "llama-2"
+        assert model.encode_chat(dialog) == helpers_encode(llama2_vocab, dialog)
+        generate(model, dialog, GenerationSettings(max_tokens=5))
+        assert fake.state.requests[-1]["prompt"] == helpers_encode(llama2_vocab, dialog)
+
+
+def helpers_encode(llm, dialog):
+    from helpers.templates import encode_chat
+
+    return encode_chat(llm, dialog, "llama-2")
