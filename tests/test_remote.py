@@ -332,3 +332,28 @@ def helpers_encode(llm, dialog):
     from helpers.templates import encode_chat
 
     return encode_chat(llm, dialog, "llama-2")
+
+
+@needs_server
+def test_command_line_uses_the_server(server_url, smol):
+    import subprocess
+    import sys
+
+    args = ["Say hello.", "--server", server_url, "--max-tokens", "12", "--temperature", "0", "--repeat-penalty", "1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "helpers", *args, "--no-cache-prompt"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    expected = generate(smol, "Say hello.", GREEDY.replace(max_tokens=12, seed=None))
+    assert done.stdout.strip() == expected.text.strip() and "finish:" in done.stderr
+
+
+def test_command_line_says_when_the_server_is_down():
+    import subprocess
+    import sys
+
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    done = subprocess.run(
+        [sys.executable, "-m", "helpers", "Hi", "--server", url], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and "error: No answer from" in done.stderr
