@@ -404,12 +404,15 @@ class RemoteBackend:
         stopped = threading.Event()
         try:
             yield from self._events(response, prompt, usage, cancel, stopped)
-        except (OSError, http.client.HTTPException) as error:
-            if not (stopped.is_set() or cancel.is_set() or self._interrupted):
-                raise ServerResponseError(
-                    f"The connection to {self.endpoint.base_url} broke in the middle of the answer "
-                    f"({_reason(error)}). The server may have stopped or restarted; try again."
-                ) from None
+        except (OSError, http.client.HTTPException, ServerResponseError) as error:
+            if stopped.is_set() or cancel.is_set() or self._interrupted:
+                return  # the stream was closed on purpose: whatever the read saw then is no error
+            if isinstance(error, ServerResponseError):
+                raise
+            raise ServerResponseError(
+                f"The connection to {self.endpoint.base_url} broke in the middle of the answer "
+                f"({_reason(error)}). The server may have stopped or restarted; try again."
+            ) from None
         finally:
             with self._lock:
                 self._connection = None
@@ -481,7 +484,7 @@ class RemoteBackend:
                 if finish == "stop":
                     yield SampledToken(-1, b"", True)
             held = None
-        if usage.finish_reason is None:
+        if usage.finish_reason is None and not (cancel.is_set() or self._interrupted):
             raise ServerResponseError(
                 "The server ended the stream without finishing the answer (no finish_reason): it may have "
                 "crashed or restarted. Try again."

@@ -59,16 +59,20 @@ def running_server(
     parallel: int = 1,
     slot_ctx: int = 2048,
     api_key: str | None = None,
+    threads: int | None = None,
     extra: list[str] | None = None,
     lifetime_s: int = 1800,
     log_path: Path | None = None,
 ):
-    """Start llama-server for `model_path`; yields its OpenAI base URL (http://127.0.0.1:PORT/v1)."""
+    """Start llama-server for `model_path`; yields its OpenAI base URL (http://127.0.0.1:PORT/v1). `threads`:
+    llama-server's compute threads (default: physical cores)."""
     binary = server_binary()
     if not binary.is_file():
         raise FileNotFoundError(f"{binary} is missing: run `make llama-server`.")
     port = free_port()
-    command = server_command(model_path, port=port, parallel=parallel, slot_ctx=slot_ctx, n_gpu_layers=0, extra=extra)
+    command = server_command(
+        model_path, port=port, parallel=parallel, slot_ctx=slot_ctx, threads=threads, n_gpu_layers=0, extra=extra
+    )
     watchdog = [shutil.which("timeout") or "timeout", "--kill-after=5", str(lifetime_s)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_")}
     if api_key:
