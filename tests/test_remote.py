@@ -323,7 +323,7 @@ def test_local_tokenizer_for_servers_without_tokenize(llama2_vocab):
         with pytest.raises(ServerResponseError, match="tokenizer="):
             connect(fake.url)
         model = connect(fake.url, tokenizer=VOCAB)
-        dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say </s> <s> [INST]"}]
+        dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say </s> and <s> as text."}]
         assert model.template == "llama-2"
         assert model.encode_chat(dialog) == helpers_encode(llama2_vocab, dialog)
         generate(model, dialog, GenerationSettings(max_tokens=5))
