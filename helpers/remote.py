@@ -98,11 +98,26 @@ class Endpoint:
         """`/v1/...` paths go under base_url, others under the root."""
         return self.base_url + path[3:] if path.startswith("/v1/") else self.root + path
 
-    def open(self, method: str, path: str, body: dict | None = None) -> tuple[http.client.HTTPConnection, object]:
-        """Send one request; returns the connection and its response (status checked: errors raise)."""
+    def open(
+        self, method: str, path: str, body: dict | None = None, *, wait: bool = False
+    ) -> tuple[http.client.HTTPConnection, object]:
+        """Send one request; returns the connection and its response (status checked: errors raise).
+        `timeout` bounds connecting and each read; `wait=True` (completions) waits for the answer as long as the
+        server needs: with all slots busy llama-server queues a request and answers only when a slot frees
+        (8 clients on 4 slots waited over a minute here). A stop still ends it at once (it closes the socket)."""
         url = urlsplit(self.url(path))
         kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
         connection = kind(url.hostname, url.port, timeout=self.timeout)
+        try:
+            connection.connect()
+        except OSError as error:
+            connection.close()
+            raise ServerUnavailableError(
+                f"No answer from {self.base_url} ({_reason(error)}). Is the server running, and is the address "
+                "right? Start one with `make serve`, or check the host and port."
+            ) from None
+        if wait:
+            connection.sock.settimeout(None)
         headers = {"Accept": "application/json, text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -117,8 +132,8 @@ class Endpoint:
         except (OSError, http.client.HTTPException) as error:
             connection.close()
             raise ServerUnavailableError(
-                f"No answer from {self.base_url} ({_reason(error)}). Is the server running, and is the address "
-                "right? Start one with `make serve`, or check the host and port."
+                f"{self.base_url} took the request to {path} but did not answer ({_reason(error)}, after "
+                f"{self.timeout:g} s at most per read). Is it overloaded? Try again, or connect(..., timeout=...)."
             ) from None
         if response.status >= 400:
             payload = response.read()
@@ -398,7 +413,8 @@ class RemoteBackend:
             self._interrupted = False
         if cancel.is_set():
             return
-        connection, response = self.endpoint.open("POST", "/v1/completions", self.request(prompt, settings, seed))
+        request = self.request(prompt, settings, seed)
+        connection, response = self.endpoint.open("POST", "/v1/completions", request, wait=True)
         with self._lock:
             self._connection = connection
         stopped = threading.Event()
