@@ -9,8 +9,9 @@ COLAB  := tests/data/colab-kernel
 COLAB_STAMP := $(COLAB)/.colab-ipykernel-6.17.1-ipython-7.34.0-ipywidgets-7.7.1
 
 LLAMA2_7B := quantized/llama2-7b-shaped.Q4_K_M.gguf
+LLAMA_SERVER := $(BIN)/llama-server
 
-.PHONY: setup demo test test-browser lint format lab bench bench-7b clean
+.PHONY: setup demo test test-browser lint format lab bench bench-7b clean llama-server serve load-test
 
 setup: $(STAMP)
 
@@ -41,7 +42,7 @@ $(COLAB_STAMP): | $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m helpers.demo llama2_textgen.ipynb
 
-test: $(STAMP) $(VOCAB) $(COLAB_STAMP)
+test: $(STAMP) $(VOCAB) $(COLAB_STAMP) $(LLAMA_SERVER)
 	$(BIN)/python -m pytest
 
 # JupyterLab driven by headless Chromium (Debian's package; Playwright never downloads a browser).
@@ -74,3 +75,22 @@ bench-7b: $(LLAMA2_7B)
 
 clean:
 	rm -rf $(VENV) tests/data .pytest_cache test-artifacts quantized
+
+# llama.cpp's llama-server, built once from the llama.cpp that the pinned llama-cpp-python vendors (same
+# kernels and build flags as the bindings; about 15 minutes on 2 cores). helpers/server_build.py keeps a
+# stamp beside it and rebuilds only when the version or the flags change.
+$(LLAMA_SERVER): helpers/server_build.py helpers/llama_server_build.cmake helpers/llama_cpp_build.cmake | $(STAMP)
+	$(BIN)/python -m helpers.server_build
+	touch $@
+
+llama-server: $(LLAMA_SERVER)
+
+# Serve the notebook's model on 127.0.0.1:8080 (PARALLEL slots); LLAMA_API_KEY=... in the environment sets a
+# key that clients must send. Other options: make serve SERVE_ARGS="--offline --port 8081".
+PARALLEL ?= 4
+serve: $(LLAMA_SERVER)
+	$(BIN)/python -m helpers.serve --parallel $(PARALLEL) $(SERVE_ARGS)
+
+# 8 concurrent clients x 5 requests against llama-server --parallel 4 with the small model, on loopback.
+load-test: $(LLAMA_SERVER)
+	$(BIN)/python bench/load_test.py --clients 8 --requests 5 --parallel 4

@@ -46,6 +46,10 @@ _EXPORTS = {
     "generate": "generation",
     "Generation": "generation",
     "GenerationStats": "generation",
+    # a model on a server (llama-server, vLLM)
+    "connect": "remote",
+    "RemoteModel": "remote",
+    "ServerError": "remote",
     # widgets
     "build_ui": "ui",
     "quant_picker": "ui",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,12 @@ def parse_args(argv):
     p.add_argument("--n-ctx", type=int, default=None)
     p.add_argument("--n-gpu-layers", default="auto")
     p.add_argument("--template", default=None, help="chat template name (default: chosen from the model)")
+    p.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="use the model served at URL (http://127.0.0.1:8080/v1) instead of loading one; API key from $LLAMA_API_KEY",
+    )
     for f in dataclasses.fields(GenerationSettings):  # one option per setting, from its metadata
         flag, default, meta = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name), f.metadata
         if f.name == "stop":
@@ -42,17 +49,21 @@ def main(argv=None) -> int:
     from helpers.download import DownloadError, resolve_model
     from helpers.generation import GenerationStats, stream
     from helpers.loading import ModelLoadError, load_model
+    from helpers.remote import ServerError, connect
 
     args = parse_args(argv)
     try:
         settings = GenerationSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings)})
-        path = (
-            Path(args.model)
-            if Path(args.model).is_file()
-            else resolve_model(args.model, args.quant, offline=args.offline)
-        )
-        layers = args.n_gpu_layers if args.n_gpu_layers == "auto" else int(args.n_gpu_layers)
-        llm = load_model(path, n_ctx=args.n_ctx, n_gpu_layers=layers)
+        if args.server:
+            llm = connect(args.server, api_key=os.environ.get("LLAMA_API_KEY"))
+        else:
+            path = (
+                Path(args.model)
+                if Path(args.model).is_file()
+                else resolve_model(args.model, args.quant, offline=args.offline)
+            )
+            layers = args.n_gpu_layers if args.n_gpu_layers == "auto" else int(args.n_gpu_layers)
+            llm = load_model(path, n_ctx=args.n_ctx, n_gpu_layers=layers)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
         ]
@@ -60,7 +71,7 @@ def main(argv=None) -> int:
         for piece in stream(llm, messages, settings, stats=stats, template=args.template):
             print(piece, end="", flush=True)
         print()
-    except (ValueError, DownloadError, ModelLoadError, FileNotFoundError) as error:
+    except (ValueError, DownloadError, ModelLoadError, FileNotFoundError, ServerError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -35,8 +35,8 @@ def test_notebook_cells_are_short_calls():
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     for cell in code:
         lines = [line for line in "".join(cell["source"]).splitlines() if line.strip()]
-        settings = "parameters" in cell.get("metadata", {}).get("tags", [])  # one setting a line, no logic
-        assert len(lines) <= (14 if settings else 12), lines
+        is_parameters = "parameters" in cell.get("metadata", {}).get("tags", [])  # data, one line each
+        assert len(lines) <= (20 if is_parameters else 12), lines
         assert not any(line.startswith(("def ", "class ")) for line in lines), lines
     tags = [t for c in code for t in c.get("metadata", {}).get("tags", [])]
     assert tags.count("parameters") == 1
