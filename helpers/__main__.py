@@ -62,6 +62,8 @@ def main(argv=None) -> int:
                 if Path(args.model).is_file()
                 else resolve_model(args.model, args.quant, offline=args.offline)
             )
+            if args.n_gpu_layers != "auto" and not args.n_gpu_layers.lstrip("-").isdigit():
+                raise ValueError(f"--n-gpu-layers must be auto or a whole number, not {args.n_gpu_layers!r}")
             layers = args.n_gpu_layers if args.n_gpu_layers == "auto" else int(args.n_gpu_layers)
             llm = load_model(path, n_ctx=args.n_ctx, n_gpu_layers=layers)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

@@ -118,6 +118,15 @@ def resolve(name_or_repo: str, filename: str | None, quant: str | None, revision
         return entry.repo_id, filename or entry.filename, revision or entry.revision
     if "/" not in name_or_repo:
         get_model(name_or_repo)  # raises "not found; available: ..."
+    if (
+        name_or_repo.startswith(("/", ".", "~"))
+        or name_or_repo.lower().endswith(".gguf")
+        or Path(name_or_repo).exists()
+    ):
+        # A path, not a Hub repo id ("owner/name"): say that the file is not there.
+        raise FileNotFoundError(
+            f"No GGUF file at {name_or_repo}: check the path, or give a catalogue name or a Hub repo id."
+        )
     if filename is None:
         raise ValueError(f"Give the GGUF file name to download from {name_or_repo}, e.g. filename='model.Q4_K_M.gguf'.")
     return name_or_repo, filename, revision

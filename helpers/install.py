@@ -293,6 +293,48 @@ def ensure_llama_cpp(
     return plan
 
 
+# What the helpers import besides llama-cpp-python, with the ranges in requirements.txt. A local `make setup`
+# installs all of requirements.txt; on Colab that would replace Colab's own ipykernel and notebook, so the
+# notebook's install cell adds only these, and only when missing or out of range.
+HELPER_PACKAGES = ("huggingface_hub>=1.0,<3", "gguf>=0.17,<1", "markdown-it-py>=3.0,<5")
+
+
+def _numbers(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
+
+
+def missing_packages(requirements: tuple[str, ...] = HELPER_PACKAGES) -> list[str]:
+    """The requirements ("name>=low,<high") that this Python lacks or holds outside their range."""
+    import importlib.metadata
+
+    missing = []
+    for requirement in requirements:
+        name, low, high = re.fullmatch(r"([\w.-]+)>=([\d.]+),<([\d.]+)", requirement).groups()
+        try:
+            have = _numbers(importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(requirement)
+            continue
+        if not _numbers(low) <= have < _numbers(high):
+            missing.append(requirement)
+    return missing
+
+
+def ensure_helper_packages(*, python: str = sys.executable, run: bool = True) -> InstallPlan | None:
+    """Install the helpers' own packages that this Python lacks (see HELPER_PACKAGES); print what and why."""
+    missing = missing_packages()
+    if not missing:
+        print("The helpers' other packages are installed: nothing to do.")
+        return None
+    plan = InstallPlan([python, "-m", "pip", "install", "--quiet", *missing], reason="the helpers import them")
+    print(f"Installing {', '.join(missing)} ({plan.reason}).\n$ {plan.shell()}", flush=True)
+    if run:
+        start = time.monotonic()
+        _run_plan(plan)
+        _done(plan, start)
+    return plan
+
+
 def _done(plan: InstallPlan, start: float) -> None:
     took = f"Done in {time.monotonic() - start:.0f} s ({plan.reason})."
     if plan.restart_needed:

@@ -64,3 +64,15 @@ def test_only_the_answer_reaches_stdout_when_the_hub_cannot_be_reached(smol, tmp
     notice, stats = done.stderr.strip().splitlines()
     assert notice.startswith("The Hugging Face Hub cannot be reached") and OFFLINE_MODEL in notice
     assert "tokens/s" in stats and "finish:" in stats
+
+
+def test_a_missing_file_is_named_as_missing(tmp_path):
+    for model in (str(tmp_path / "nope.gguf"), str(tmp_path)):
+        done = run("Hi", "--model", model)
+        assert done.returncode == 2 and done.stdout == ""
+        assert (
+            done.stderr.strip()
+            == f"error: No GGUF file at {model}: check the path, or give a catalogue name or a Hub repo id."
+        )
+    done = run("Hi", "--offline", "--n-gpu-layers", "abc")
+    assert done.returncode == 2 and "--n-gpu-layers must be auto or a whole number" in done.stderr

@@ -575,3 +575,22 @@ def test_gpu_table_from_the_steps_output(capsys):
     assert result["time to first token, 5th turn, cache off"] == "0.21 s"
     ceiling = 3350e9 / 3_825_517_184  # H100 SXM: 3.35 TB/s
     assert result["generation / bandwidth ceiling"].startswith(f"{150.20 / ceiling:.2f} of {ceiling:.0f} tokens/s")
+
+
+def test_helper_packages_follow_requirements_and_are_found_missing_in_a_bare_python(tmp_path):
+    """Colab gets only the helpers' own packages (not all of requirements.txt, which would replace its
+    ipykernel): their ranges are requirements.txt's, this venv has them, and a bare Python lacks them."""
+    from helpers.install import HELPER_PACKAGES, missing_packages
+
+    requirements = (ROOT / "requirements.txt").read_text().splitlines()
+    for requirement in HELPER_PACKAGES:
+        assert any(line.split("#")[0].strip() == requirement for line in requirements), requirement
+    assert missing_packages() == []
+    assert missing_packages(("gguf>=99.0,<100",)) == ["gguf>=99.0,<100"]
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "bare"], check=True)
+    code = "from helpers.install import ensure_helper_packages; ensure_helper_packages(run=False)"
+    done = subprocess.run(
+        [tmp_path / "bare/bin/python", "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(ROOT)}
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"Installing {', '.join(HELPER_PACKAGES)}" in done.stdout and "pip install --quiet" in done.stdout
