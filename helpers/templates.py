@@ -540,11 +540,14 @@ def template_for(llm) -> str:
 
 
 def render_chat(
-    messages: Sequence[Message], template: str = "llama-2", llm=None, *, allow_special_tags: bool = False
+    messages: Sequence[Message], template: str | None = None, llm=None, *, allow_special_tags: bool = False
 ) -> str:
     """The human-readable prompt (Llama 2: identical to Hugging Face's Llama-2-chat template output).
+    `template=None` picks the template from `llm`, as `encode_chat` does (Llama 2's without a model).
 
     `allow_special_tags=True` lets Llama 2 messages contain `[INST]`, `[/INST]`, `<<SYS>>`, `<</SYS>>`."""
+    if template is None:
+        template = "llama-2" if llm is None else as_model(llm).template
     if template == "llama-2":
         return render_llama2(messages, allow_special_tags=allow_special_tags)
     if llm is None:

@@ -38,6 +38,7 @@ def test_load_model_returns_a_model_that_owns_its_llama(smol):
     assert smol.generate(CHAT, settings).text == generate(smol, CHAT, settings).text
     assert smol.encode_chat(CHAT) == encode_chat(smol, CHAT)
     assert smol.render_chat(CHAT) == render_chat(CHAT, template="gguf", llm=smol)
+    assert render_chat(CHAT, llm=smol) == smol.render_chat(CHAT)  # the model's template, as encode_chat picks it
     assert smol.describe() == helpers.describe_model(smol)
     assert not hasattr(smol.llama, "gpu_layers") and not hasattr(smol.llama, "unloaded")  # nothing patched on
 
