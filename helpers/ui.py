@@ -88,6 +88,7 @@ class ChatPanel:
         self.retired = False
         self._busy = threading.Lock()  # one generation at a time on one panel
         self._stop = threading.Event()
+        self._clearing = False  # a Clear stops the answer: its prompt is not put back in the box
         self._applying_preset = False
         self.thread: threading.Thread | None = None
         n_ctx = self._n_ctx()
@@ -294,8 +295,12 @@ class ChatPanel:
         self.history = self.history[:at]
 
     def clear(self) -> None:
-        self._stop.set()
-        self.wait()
+        self._clearing = True
+        try:
+            self._stop.set()
+            self.wait()
+        finally:
+            self._clearing = False
         self.history = []
         self.stats.value, self.error.value = "", ""
         self._set_context(0)
@@ -303,6 +308,9 @@ class ChatPanel:
     def export(self):
         """Write the conversation as Markdown and JSON beside the notebook (the working folder); the path is
         shown in the panel and returned."""
+        if not self.history:
+            self._show_error(ValueError("Nothing to export yet: the conversation is empty."))
+            return None
         metadata = {
             "model": str(self.model.path.name) if self.model is not None and self.model.path else None,
             "settings": _settings_record(self),
@@ -376,8 +384,8 @@ class ChatPanel:
                     shown = now
             self.last_stats = stats
             self.stats.value = html.escape(stats.line())
-            self._set_context(stats.prompt_tokens + stats.completion_tokens)
-            if text.strip():
+            if text.strip():  # the context bar counts turns that stay in the conversation
+                self._set_context(stats.prompt_tokens + stats.completion_tokens)
                 self.history = self.history + [
                     user,
                     {"role": "assistant", "content": text, "finish": stats.finish_reason},
@@ -396,7 +404,7 @@ class ChatPanel:
     def _restore(self, previous, user, mode):
         """Nothing new came: the conversation as it was, and a new prompt back in the box."""
         self.history = previous
-        if mode == "new" and not self.prompt.value:
+        if mode == "new" and not self.prompt.value and not self._clearing:
             self.prompt.value = user["content"]
 
     def wait(self, timeout: float | None = None) -> None:

@@ -296,6 +296,7 @@ def test_edit_puts_the_last_prompt_back(panel):
 
 def test_clear_and_export(panel, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    assert panel.export() is None and "Nothing to export" in panel.error.value and not list(tmp_path.iterdir())
     send(panel, "Name a fruit.")
     panel.export_button.click()
     path = panel.last_export
@@ -312,6 +313,18 @@ def test_clear_and_export(panel, tmp_path, monkeypatch):
     panel.clear_button.click()
     assert panel.history == [] and panel.stats.value == "" and messages_shown(panel) == []
     assert panel.regenerate_button.disabled and panel.continue_button.disabled and panel.edit_button.disabled
+
+
+def test_clear_while_reading_the_prompt_clears_the_cancelled_prompt_too(panel):
+    panel.prompt.value = "Summarise: " + "the river runs past the old mill and on to the sea. " * 60
+    panel.generate_button.click()
+    deadline = time.time() + 60
+    while "reading the prompt:" not in panel.stats.value:  # the engine's progress: the prompt is being read
+        assert time.time() < deadline
+        time.sleep(0.01)
+    panel.clear_button.click()
+    assert panel.last_stats is None or panel.last_stats.finish_reason == "cancelled"
+    assert panel.history == [] and panel.prompt.value == "" and panel.context_bar.value == 0
 
 
 # --- one live panel per model, an unusable model ---------------------------------------------------------
