@@ -146,23 +146,21 @@ def test_bad_settings_leave_the_loaded_model_alone(smol_path, bad, message):
     assert not working.closed and load_model(smol_path) is working
 
 
-def unknown_architecture(path):
-    """A well-formed GGUF of an architecture llama.cpp does not know."""
+def unknown_architecture(path, source):
+    """A well-formed GGUF of an architecture llama.cpp does not know (so it passes the project's header check
+    and fails inside llama.cpp): the small model with every 'llama' in its header renamed 'xllam'."""
     import gguf
-    import numpy as np
 
-    writer = gguf.GGUFWriter(path, "no-such-arch")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    data = source.read_bytes()
+    start = gguf.GGUFReader(source).data_offset
+    length = len("llama").to_bytes(8, "little")
+    head = data[:start].replace(b"llama.", b"xllam.").replace(length + b"llama", length + b"xllam")
+    path.write_bytes(head + data[start:])
     return path
 
 
 def test_a_load_that_fails_in_llama_cpp_brings_the_previous_model_back(smol_path, tmp_path):
-    odd = unknown_architecture(tmp_path / "odd.gguf")
+    odd = unknown_architecture(tmp_path / "odd.gguf", smol_path)
     working = load_model(smol_path)
     settings = GenerationSettings(max_tokens=10, seed=4, cache_prompt=False)
     before = generate(working, CHAT, settings).text
@@ -173,7 +171,7 @@ def test_a_load_that_fails_in_llama_cpp_brings_the_previous_model_back(smol_path
 
 
 def test_a_failed_load_during_a_generation_ends_it_as_cancelled(smol_path, tmp_path):
-    odd = unknown_architecture(tmp_path / "odd.gguf")
+    odd = unknown_architecture(tmp_path / "odd.gguf", smol_path)
     working = load_model(smol_path)
     stats, started = GenerationStats(), threading.Event()
 
