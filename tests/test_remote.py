@@ -229,7 +229,8 @@ def test_server_errors_are_clear_and_the_panel_stays_usable():
         fake.state.mode = "ok"
         panel.generate_button.click()
         panel.wait(30)
-        assert panel.error.value == "" and html.unescape(re.sub(r"<[^>]+>", "", panel.answer.value)) == "Hi there!"
+        assert panel.error.value == "" and [m["content"] for m in panel.history] == ["hello", "Hi there!"]
+        assert "Hi there!" in html.unescape(re.sub(r"<[^>]+>", "", panel.transcript.value))
 
 
 def test_text_only_server_is_refused_at_connect():
