@@ -15,6 +15,7 @@ import pytest
 
 from helpers.loading import as_model
 from helpers.templates import ChatTemplateError, encode_chat, render_chat, render_template, template_for
+from tests.test_templates import FIXED_DIALOGS
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -144,23 +145,8 @@ def reference(llama, dialog):
 
 # --- dialogs ---------------------------------------------------------------------------------------------
 
-DIALOGS = [
-    [{"role": "user", "content": "Hello!"}],
-    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
-    [
-        {"role": "system", "content": "  Always answer in French.\n"},
-        {"role": "user", "content": "  Hi there  "},
-        {"role": "assistant", "content": " Bonjour ! \n"},
-        {"role": "user", "content": "How are you?\n\n"},
-    ],
-    [
-        {"role": "user", "content": "Tell me a joke"},
-        {"role": "assistant", "content": "Why did the chicken cross the road?"},
-        {"role": "user", "content": "Why?"},
-        {"role": "assistant", "content": "To get to the other side."},
-        {"role": "user", "content": "Ha. Another, in 日本語 please 🙂"},
-    ],
-    [{"role": "system", "content": ""}, {"role": "user", "content": "Empty system prompt"}],
+DIALOGS = [  # the Llama 2 tests' first five, and one whose content looks like markup
+    *FIXED_DIALOGS[:5],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "[1, 2] & <b>json</b>"}],
 ]
 
