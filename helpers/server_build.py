@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,17 @@ def fetch_source(dest: Path, python: str = sys.executable) -> Path:
     return source
 
 
+def cache_matches(build: Path, source: Path) -> bool:
+    """Whether CMake can reuse the build folder for this source: no cache yet, or one made for this source
+    in this folder (CMakeCache.txt's CMAKE_HOME_DIRECTORY and CMAKE_CACHEFILE_DIR)."""
+    cache = build / "CMakeCache.txt"
+    if not cache.exists():
+        return True
+    found = dict(re.findall(r"^(CMAKE_HOME_DIRECTORY|CMAKE_CACHEFILE_DIR):INTERNAL=(.*)$", cache.read_text(), re.M))
+    wanted = {"CMAKE_HOME_DIRECTORY": source, "CMAKE_CACHEFILE_DIR": build}
+    return all(key in found and Path(found[key]).resolve() == path.resolve() for key, path in wanted.items())
+
+
 def build_server(*, bin_dir: Path | None = None, jobs: int | None = None, force: bool = False) -> Path:
     """Build (or reuse) llama-server; returns the path of the installed binary."""
     bin_dir = bin_dir or default_bin_dir()
@@ -93,6 +105,13 @@ def build_server(*, bin_dir: Path | None = None, jobs: int | None = None, force:
     started = time.monotonic()
     source = fetch_source(work)
     build = work / "llama-server-build"
+    if not cache_matches(build, source):
+        # Made from another version's source (a new pin) or at another path (a moved checkout): CMake would
+        # refuse it, so start afresh. The other versions' sources go too.
+        shutil.rmtree(build)
+    for old in work.glob("llama.cpp-*"):
+        if old != source:
+            shutil.rmtree(old, ignore_errors=True)
     jobs = jobs or os.cpu_count() or 1
     print(f"Building llama-server from {source} with {jobs} jobs (a few minutes).", flush=True)
     subprocess.run(["cmake", "-S", source, "-B", build, *args, *_generator()], check=True)
