@@ -11,7 +11,9 @@ Prebuilt CUDA wheels: llama-cpp-python's own wheel index, `WHEEL_INDEX/cu<XY>` (
 cu118, cu121-cu125, cu130 and cu132, tagged `py3` (any Python 3) since 2026-03 (#2166); Linux x86_64 and
 Windows. The Linux wheels leave libcudart and libcublas out (auditwheel --exclude): they load the
 machine's own CUDA libraries of the same major version. CUDA 13 wheels hold code for compute capability
-7.5 and later only. `--only-binary` keeps pip from quietly building the source distribution instead.
+7.5 and later only. Their CPU code is built without AVX2, FMA and F16C (for any x86-64 CPU), so layers left
+on the CPU run slower than in a source build. `--only-binary` keeps pip from quietly building the source
+distribution instead.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 from helpers.gpu import GPUInfo, detect_gpu, is_apple_silicon, llama_cpp_offload
 
-LLAMA_CPP_VERSION = "0.3.36"
+LLAMA_CPP_VERSION = "0.3.35"
 REQUIREMENT = f"llama-cpp-python=={LLAMA_CPP_VERSION}"
 
 WHEEL_INDEX = "https://abetlen.github.io/llama-cpp-python/whl"
@@ -89,7 +91,10 @@ def install_command(
             argv += ["--no-cache-dir", "--force-reinstall", "--no-deps"]
             reason += ", replacing the CPU-only build"
         return InstallPlan(
-            argv=argv, env={**env, "CMAKE_ARGS": " ".join(BUILD_CMAKE_ARGS)}, reason=reason, restart_needed=installed
+            argv=argv,
+            env={**env, "CMAKE_ARGS": " ".join(BUILD_CMAKE_ARGS)},
+            reason=reason,
+            restart_needed=imported or installed,
         )
     if gpu is None or gpu.backend != "cuda":
         if installed:
@@ -98,6 +103,7 @@ def install_command(
             argv=[*pip, REQUIREMENT],
             env={**env, "CMAKE_ARGS": " ".join(BUILD_CMAKE_ARGS)},
             reason="no NVIDIA GPU: CPU build",
+            restart_needed=imported,  # another version is loaded in this process
         )
     if installed and gpu.llama_cpp_offload:
         return None
@@ -142,12 +148,25 @@ def cuda_toolkit_majors() -> set[int]:
     return majors
 
 
+def _has_code_for(variant: tuple[int, int], capability: tuple[int, int]) -> bool:
+    """Whether a wheel variant holds GPU code this compute capability runs (build-wheels-cuda.yaml, v0.3.35):
+    CUDA 11.8 wheels 6.0-8.9 (no PTX); 12.x wheels 6.0-9.0 plus PTX for 9.0, which later GPUs compile at load;
+    13.x wheels 7.5-9.0 plus that PTX."""
+    if capability < (6, 0):
+        return False
+    if variant[0] == 11:
+        return capability < (9, 0)
+    if variant[0] >= 13:
+        return capability >= (7, 5)
+    return True
+
+
 def wheel_variant(
     gpu: GPUInfo, *, runtime_majors: set[int], system: tuple[str, str] | None = None
 ) -> tuple[str | None, str]:
     """(the best wheel variant for this GPU, e.g. "cu125", or None; why). Best: the newest CUDA that the
     driver supports (nvidia-smi's "CUDA Version"), of a major version whose runtime libraries this machine
-    has (any, when none is found), with code for the GPU (CUDA 13 wheels: compute capability 7.5 and up)."""
+    has (any, when none is found), with code for the GPU's compute capability (`_has_code_for`)."""
     if _system(system) not in WHEEL_PLATFORMS:
         return None, f"no prebuilt CUDA wheels for {'/'.join(_system(system))}"
     driver = _version(gpu.cuda_version)
@@ -157,11 +176,14 @@ def wheel_variant(
     if runtime_majors:
         fitting = [v for v in fitting if v[0] in runtime_majors]
     capability = _version(gpu.compute_capability)
-    if capability is not None and capability < (7, 5):
-        fitting = [v for v in fitting if v[0] < 13]
+    if capability is not None:
+        fitting = [v for v in fitting if _has_code_for(v, capability)]
     if not fitting:
         runtimes = ", ".join(f"CUDA {m}" for m in sorted(runtime_majors)) or "none found"
-        return None, f"no wheel variant fits driver CUDA {gpu.cuda_version} with the runtime here ({runtimes})"
+        return None, (
+            f"no wheel variant fits driver CUDA {gpu.cuda_version} with the runtime here ({runtimes})"
+            f" and compute capability {gpu.compute_capability or 'unknown'}"
+        )
     major, minor = max(fitting)
     runtimes = f", CUDA {major} runtime found" if runtime_majors else ""
     return f"cu{major}{minor}", f"driver supports CUDA {gpu.cuda_version}{runtimes}"
@@ -236,11 +258,20 @@ def try_wheel(plan: InstallPlan, python: str) -> tuple[bool, str]:
     return True, ""
 
 
-def is_installed(python: str = sys.executable) -> bool:
+def installed_version(python: str = sys.executable) -> str | None:
+    """The llama-cpp-python version that `python` has installed, or None."""
     done = subprocess.run(
-        [python, "-c", "import importlib.metadata as m; m.version('llama-cpp-python')"], capture_output=True
+        [python, "-c", "import importlib.metadata as m; print(m.version('llama-cpp-python'))"],
+        capture_output=True,
+        text=True,
     )
-    return done.returncode == 0
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
+def is_installed(python: str = sys.executable) -> bool:
+    """The pinned version is installed (another version is replaced, as `pip install -r requirements.txt`
+    would do, but with this module's build flags and backend)."""
+    return installed_version(python) == LLAMA_CPP_VERSION
 
 
 def ensure_llama_cpp(
@@ -259,7 +290,10 @@ def ensure_llama_cpp(
     start = time.monotonic()
     if gpu is None:
         gpu = detect_gpu(system=system)
-    installed, imported = is_installed(python), "llama_cpp" in sys.modules
+    have, imported = installed_version(python), "llama_cpp" in sys.modules
+    installed = have == LLAMA_CPP_VERSION
+    if have and not installed:
+        print(f"llama-cpp-python {have} is installed; this project pins {LLAMA_CPP_VERSION}: replacing it.")
     plan = install_command(gpu, installed=installed, python=python, imported=imported, system=system)
     if plan is None:
         print("llama-cpp-python is installed with the backend this machine needs: nothing to do.")

@@ -373,6 +373,10 @@ def test_the_installed_build_has_what_install_py_asked_for():
         ("13.0", "7.0", set(), LINUX, "cu125"),  # V100: CUDA 13 wheels have no code for it
         ("12.0", "7.5", {12}, LINUX, None),  # older than every 12.x wheel
         ("11.8", "7.5", {11}, LINUX, "cu118"),
+        ("11.8", "9.0", {11}, LINUX, None),  # H100 on a CUDA 11.8 driver: the 11.8 wheels stop at 8.9
+        ("12.4", "9.0", {11, 12}, LINUX, "cu124"),
+        ("12.8", "12.0", {12}, LINUX, "cu125"),  # Blackwell: compiles the wheels' 9.0 PTX when loading
+        ("12.4", "5.2", {12}, LINUX, None),  # Maxwell (M60): no wheel has code for it
         ("12.4", "8.9", {12}, ("Linux", "aarch64"), None),  # GH200 and Jetson: no wheels
         ("12.4", "8.9", {12}, MAC, None),
         (None, "7.5", {12}, LINUX, None),
@@ -445,11 +449,11 @@ def test_good_wheel_is_installed_and_checked(target, tmp_path, capsys, monkeypat
 
 
 def test_missing_version_builds_from_source(target, tmp_path, capsys, monkeypatch):
-    write_index(tmp_path / "index", "cu125", [fake_wheel(tmp_path / "w", "0.3.35", offload=True)])
+    write_index(tmp_path / "index", "cu125", [fake_wheel(tmp_path / "w", "0.3.30", offload=True)])
     with WheelIndex(tmp_path / "index") as url:
         monkeypatch.setenv("PIP_INDEX_URL", f"{url}/empty/")
         plan, error, out = run_install(target, url, capsys)
-    assert f"no llama-cpp-python {LLAMA_CPP_VERSION} wheel" in out and "(it has 0.3.35)" in out
+    assert f"no llama-cpp-python {LLAMA_CPP_VERSION} wheel" in out and "(it has 0.3.30)" in out
     assert_fell_back_to_source(error, out)
     assert offload_in(target) == []  # nothing installed
 
@@ -474,6 +478,36 @@ def test_unreachable_index_builds_from_source_with_one_line(target, tmp_path, ca
     notices = [line for line in out.splitlines() if "cannot be reached" in line]
     assert len(notices) == 1 and "Building from source instead" in notices[0]
     assert_fell_back_to_source(error, out)
+
+
+def install_other_version(python, tmp_path, version="0.3.30"):
+    wheel = fake_wheel(tmp_path / "old", version, offload=True)
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-index", str(wheel)], check=True)
+    assert offload_in(python) == [version, "True"]
+
+
+def test_another_installed_version_is_replaced_by_the_pinned_wheel(target, tmp_path, capsys, monkeypatch):
+    """A GPU build of another version (an older venv, a preinstalled package) is not "nothing to do"."""
+    install_other_version(target, tmp_path)
+    write_index(tmp_path / "index", "cu125", [fake_wheel(tmp_path / "w", LLAMA_CPP_VERSION, offload=True)])
+    with WheelIndex(tmp_path / "index") as url:
+        monkeypatch.setenv("PIP_INDEX_URL", f"{url}/empty/")
+        plan, error, out = run_install(target, url, capsys)
+    assert error is None and plan.kind == "wheel", out
+    assert f"llama-cpp-python 0.3.30 is installed; this project pins {LLAMA_CPP_VERSION}: replacing it." in out
+    assert offload_in(target) == [LLAMA_CPP_VERSION, "True"]
+
+
+def test_another_installed_version_on_a_cpu_machine_is_rebuilt(target, tmp_path, capsys, monkeypatch, fake_nvidia_smi):
+    install_other_version(target, tmp_path)
+    fake_nvidia_smi("none")
+    with WheelIndex(tmp_path) as url:
+        monkeypatch.setenv("PIP_INDEX_URL", f"{url}/empty/")  # no source distribution: pip fails in seconds
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            ensure_llama_cpp(python=target, system=LINUX)
+    out = capsys.readouterr().out
+    assert "0.3.30 is installed" in out and "no NVIDIA GPU: CPU build" in out
+    assert REQUIREMENT in failed.value.cmd and "-DLLAVA_BUILD=OFF" in out  # this module's build, not pip's
 
 
 def test_only_binary_never_builds_the_source_distribution(target, tmp_path, monkeypatch):
