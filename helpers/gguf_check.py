@@ -2,7 +2,7 @@
 
 llama.cpp stops the whole process (GGML_ASSERT, SIGABRT: in a notebook the kernel dies without a word) on some
 header values, and allocates from others. Each limit below cites where llama.cpp asserts or allocates; the
-sources are those vendored in llama-cpp-python 0.3.36 (vendor/llama.cpp/src/llama-model.cpp `load_hparams`,
+sources are those vendored in llama-cpp-python 0.3.35 (vendor/llama.cpp/src/llama-model.cpp `load_hparams`,
 llama-model-loader.cpp `create_tensor`, llama-vocab.cpp `load`). The GGUF structure itself (lengths, counts,
 tensor shapes, types and offsets, alignment) is checked while `helpers.modelinfo.read_header` reads it.
 """

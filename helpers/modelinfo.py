@@ -74,7 +74,7 @@ _STRING, _ARRAY = 8, 9
 _UINT32 = 4
 _U64 = struct.Struct("<Q")
 
-# Limits of llama.cpp's GGUF reader (ggml/src/gguf.cpp, ggml/include/ggml.h in llama-cpp-python 0.3.36's
+# Limits of llama.cpp's GGUF reader (ggml/src/gguf.cpp, ggml/include/ggml.h in llama-cpp-python 0.3.35's
 # vendor/llama.cpp): arrays of at most 2^30 items, tensor names under 64 bytes, at most 4 dimensions.
 GGUF_VERSIONS = (2, 3)
 GGUF_MAX_ARRAY_ELEMENTS = 1 << 30

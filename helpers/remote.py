@@ -3,7 +3,7 @@ server (llama.cpp's `llama-server` first of all), so `generate`, `stream`, `buil
 take it exactly like a model loaded in the kernel.
 
 What goes over the wire (llama-server's fields are from its source, tools/server/server-schema.cpp and
-server-task.cpp in the llama.cpp that llama-cpp-python 0.3.36 vendors):
+server-task.cpp in the llama.cpp that llama-cpp-python 0.3.35 vendors):
 
 - The prompt is sent to `/v1/completions` as a list of token ids: the exact encoding `encode_chat` makes,
   with control-token spellings typed by the user kept as text. Never rendered text for the server to

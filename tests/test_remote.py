@@ -1,6 +1,6 @@
 """`helpers.connect`: a model on a server, held against the same model loaded in-process.
 
-The real llama-server (built from the llama.cpp that llama-cpp-python 0.3.36 vendors, `make llama-server`)
+The real llama-server (built from the llama.cpp that llama-cpp-python 0.3.35 vendors, `make llama-server`)
 serves the small model on 127.0.0.1 (tests/llama_server.py: its own process group, killed at teardown,
 plus a watchdog). Failures a real server does not produce on demand come from tests/fake_openai_server.py.
 """
