@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, one script for a machine with an NVIDIA GPU (about 3-8 minutes on one modern GPU):
 #   1. installs llama-cpp-python's CUDA build the way the notebook does (python -m helpers.install: the
-#      prebuilt CUDA wheel first, else a CUDA build from source for this GPU), timed;
+#      prebuilt CUDA wheel first, else a CUDA build from source for this GPU), timed; on a fresh checkout
+#      through `make setup` (which runs it, then installs the test requirements), in an existing one by
+#      replacing a CPU-only build;
 #   2. runs the tests marked `gpu` (they must pass, not be skipped);
 #   3. writes a Llama-2-7B-shaped GGUF (bench/make_llama2_gguf.py: real architecture and vocabulary, random
 #      weights; Q4_0 is written directly in seconds) and runs bench/scale.py on it, every layer offloaded
@@ -34,12 +36,19 @@ if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "No NVIDIA GPU here (nvidia-smi is missing or finds no device): this check needs one." >&2
     exit 2
 fi
-gpu=$("$python" -c "from helpers.gpu import detect_gpu; print(detect_gpu(check_offload=False).name)")
+# helpers.gpu needs only the standard library: any Python 3 can name the GPU before the venv exists.
+gpu=$(python3 -c "from helpers.gpu import detect_gpu; print(detect_gpu(check_offload=False).name)")
 echo "GPU: $gpu"
 mkdir -p "$out"
 started=$SECONDS
 
-# 1. The CUDA build, as the notebook's install cell gets it.
+# 1. The CUDA build, as the notebook's install cell gets it: a fresh checkout gets it (and the test
+# requirements) from `make setup`; an existing venv with a CPU-only build has it replaced by helpers.install.
+install_logs=("$out/install.log")
+if [[ ! -x $python ]]; then
+    run setup.log make setup
+    install_logs=("$out/setup.log" "$out/install.log")
+fi
 run install.log "$python" -m helpers.install
 if [[ $dry_run == 0 ]] && ! "$python" -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_gpu_offload())"; then
     echo "The installed llama-cpp-python cannot offload to the GPU: see $out/install.log." >&2
@@ -59,5 +68,5 @@ if [[ ! -f $model ]]; then run model.log "$python" bench/make_llama2_gguf.py "$m
 run scale.txt "$python" bench/scale.py --model "$model" --tokens 128
 
 # 4. The table.
-run table.txt "$python" bench/gpu_table.py --install "$out/install.log" --scale "$out/scale.txt" --gpu "$gpu" --model "$model"
+run table.txt "$python" bench/gpu_table.py --install "${install_logs[@]}" --scale "$out/scale.txt" --gpu "$gpu" --model "$model"
 echo "GPU check done in $((SECONDS - started)) s; logs in $out."

@@ -50,13 +50,14 @@ def scale_rows(text: str) -> dict[str, tuple[str, str]]:
 
 
 def install_summary(log: str) -> tuple[str, str]:
-    """(what was installed, how long it took) from helpers.install's output."""
+    """(what was installed, how long it took) from helpers.install's output (`make setup`'s, then its own
+    second run's "nothing to do", when the check starts from a fresh checkout)."""
+    done = re.search(r"Done in (\d+) s \(([^)]*)\)", log)
+    if done:
+        return done.group(2), f"{done.group(1)} s"
     if "nothing to do" in log:
         return "already installed (nothing to do)", "0 s"
-    done = re.search(r"Done in (\d+) s \(([^)]*)\)", log)
-    if not done:
-        return "install failed (see install.log)", "?"
-    return done.group(2), f"{done.group(1)} s"
+    return "install failed (see install.log)", "?"
 
 
 def table(install_log: str, scale_text: str, gpu_name: str, model_bytes: int) -> list[tuple[str, str]]:
@@ -84,12 +85,13 @@ def table(install_log: str, scale_text: str, gpu_name: str, model_bytes: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--install", type=Path, required=True)
+    parser.add_argument("--install", type=Path, nargs="+", required=True, help="helpers.install's output(s)")
     parser.add_argument("--scale", type=Path, required=True)
     parser.add_argument("--gpu", required=True, help="the GPU's name, as nvidia-smi gives it")
     parser.add_argument("--model", type=Path, required=True)
     args = parser.parse_args()
-    rows = table(args.install.read_text(), args.scale.read_text(), args.gpu, args.model.stat().st_size)
+    install_log = "\n".join(path.read_text() for path in args.install)
+    rows = table(install_log, args.scale.read_text(), args.gpu, args.model.stat().st_size)
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -574,13 +574,27 @@ def test_gpu_check_dry_run_shows_every_step(tmp_path):
     assert not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
+def test_gpu_check_on_a_fresh_checkout_sets_up_first(tmp_path):
+    env = os.environ | {
+        "PATH": f"{RECORDED}{os.pathsep}{os.environ['PATH']}",
+        "NVIDIA_SMI_CARD": "t4",
+        "GPU_CHECK_DIR": str(tmp_path),
+        "PYTHON": str(tmp_path / "no-venv-yet" / "python"),
+    }
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    steps = [line[2:] for line in done.stdout.splitlines() if line.startswith("+ ")]
+    assert steps[0] == "make setup" and "-m helpers.install" in steps[1]
+    assert f"--install {tmp_path}/setup.log {tmp_path}/install.log" in steps[-1]
+
+
 def test_gpu_check_needs_a_gpu(tmp_path):
     env = os.environ | {"PATH": f"{RECORDED}{os.pathsep}/usr/bin{os.pathsep}/bin", "NVIDIA_SMI_CARD": "none"}
     done = subprocess.run(["bash", str(GPU_CHECK)], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and "needs one" in done.stderr
 
 
-def test_gpu_table_from_the_steps_output(capsys):
+def test_gpu_table_from_the_steps_output(capsys, fake_nvidia_smi):
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_table import table
 
@@ -604,6 +618,12 @@ def test_gpu_table_from_the_steps_output(capsys):
     scale = "\n".join(f"{name:<{width}}  {value:>12}  {note}" for name, value, note in rows)
     result = dict(table(install_log, scale, "NVIDIA H100 80GB HBM3", 3_825_517_184))
     assert result["install"].startswith("NVIDIA H100 80GB HBM3: prebuilt cu125 wheel, ")
+    # From a fresh checkout: make setup's install, then helpers.install's second run with nothing to do.
+    ensure_llama_cpp(gpu_with(True, card="h100", fake=fake_nvidia_smi), run=False)
+    second_run = capsys.readouterr().out
+    assert "nothing to do" in second_run
+    both = dict(table(install_log + second_run, scale, "NVIDIA H100 80GB HBM3", 3_825_517_184))
+    assert both["install"] == result["install"]
     assert result["layers offloaded"] == "all layers on the GPU"
     assert (result["prompt tokens/s"], result["generation tokens/s"]) == ("5123.40", "150.20")
     assert result["time to first token, 5th turn, cache off"] == "0.21 s"
