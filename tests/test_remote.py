@@ -288,6 +288,7 @@ def test_notebook_uses_the_server_instead_of_loading(server_url):
         "MAX_TOKENS": 24,
         "SEED": 7,
         "COMPARE_QUANTIZATIONS": False,
+        "INSTALL": False,  # never replace the test environment's llama-cpp-python (a GPU host's plan may)
     }
     nb = run_notebook(notebook, parameters)
     printed = {

@@ -42,7 +42,8 @@ def lab(request, tmp_path):
     """JupyterLab or Notebook 7 serving a copy of the notebook (autosave never touches the committed one)."""
     command, path = APPS[request.param]
     nb = nbformat.read(ROOT / "llama2_textgen.ipynb", as_version=4)
-    inject_parameters(nb, {"OFFLINE": True, "COMPARE_QUANTIZATIONS": False, "MAX_TOKENS": 64})
+    # INSTALL=False: never replace the test environment's llama-cpp-python (a GPU host's plan may).
+    inject_parameters(nb, {"OFFLINE": True, "COMPARE_QUANTIZATIONS": False, "MAX_TOKENS": 64, "INSTALL": False})
     # A conversation seeded through the panel's public API, as the last cell of Run All.
     seeded = [{"role": "user", "content": "List three fruits."}, {"role": "assistant", "content": SEEDED_ANSWER}]
     nb.cells.append(nbformat.v4.new_code_cell(f"helpers.ui.live_panel(model).history = {seeded!r}"))
