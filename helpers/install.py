@@ -11,9 +11,7 @@ Prebuilt CUDA wheels: llama-cpp-python's own wheel index, `WHEEL_INDEX/cu<XY>` (
 cu118, cu121-cu125, cu130 and cu132, tagged `py3` (any Python 3) since 2026-03 (#2166); Linux x86_64 and
 Windows. The Linux wheels leave libcudart and libcublas out (auditwheel --exclude): they load the
 machine's own CUDA libraries of the same major version. CUDA 13 wheels hold code for compute capability
-7.5 and later only. Their CPU code is built without AVX2, FMA and F16C (for any x86-64 CPU), so layers left
-on the CPU run slower than in a source build. `--only-binary` keeps pip from quietly building the source
-distribution instead.
+7.5 and later only. `--only-binary` keeps pip from quietly building the source distribution instead.
 """
 
 from __future__ import annotations
@@ -51,7 +49,7 @@ class InstallPlan:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # added to the environment
     reason: str = ""
-    restart_needed: bool = False  # llama_cpp is already imported in this process
+    restart_needed: bool = False  # llama_cpp is already imported in this process: the new build needs a restart
     kind: str = "source"  # "source" (pip builds the source distribution) or "wheel" (prebuilt, --only-binary)
 
     def shell(self) -> str:
@@ -94,7 +92,7 @@ def install_command(
             argv=argv,
             env={**env, "CMAKE_ARGS": " ".join(BUILD_CMAKE_ARGS)},
             reason=reason,
-            restart_needed=imported or installed,
+            restart_needed=imported,
         )
     if gpu is None or gpu.backend != "cuda":
         if installed:
@@ -115,9 +113,7 @@ def install_command(
         # Replace the CPU-only build, leave its dependencies (numpy in Colab) alone.
         argv += ["--force-reinstall", "--no-deps"]
         reason += ", replacing the CPU-only build"
-    return InstallPlan(
-        argv=argv, env={**env, "CMAKE_ARGS": " ".join(cmake)}, reason=reason, restart_needed=imported or installed
-    )
+    return InstallPlan(argv=argv, env={**env, "CMAKE_ARGS": " ".join(cmake)}, reason=reason, restart_needed=imported)
 
 
 # --- prebuilt CUDA wheels -------------------------------------------------------------------------
@@ -173,20 +169,26 @@ def wheel_variant(
     if driver is None:
         return None, "nvidia-smi does not say which CUDA version the driver supports"
     fitting = [v for v in CUDA_WHEEL_VARIANTS if v <= driver]
+    if not fitting:
+        return None, f"the driver supports CUDA {gpu.cuda_version}, older than every wheel variant"
     if runtime_majors:
         fitting = [v for v in fitting if v[0] in runtime_majors]
+        if not fitting:
+            runtimes = " and ".join(f"CUDA {m}" for m in sorted(runtime_majors))
+            newer = " (newer than the driver: update the driver, or the build will not run)"
+            return None, (
+                f"no wheel for the CUDA runtime here ({runtimes}) runs on a driver for CUDA {gpu.cuda_version}"
+                + (newer if min(runtime_majors) > driver[0] else "")
+            )
     capability = _version(gpu.compute_capability)
     if capability is not None:
         fitting = [v for v in fitting if _has_code_for(v, capability)]
-    if not fitting:
-        runtimes = ", ".join(f"CUDA {m}" for m in sorted(runtime_majors)) or "none found"
-        return None, (
-            f"no wheel variant fits driver CUDA {gpu.cuda_version} with the runtime here ({runtimes})"
-            f" and compute capability {gpu.compute_capability or 'unknown'}"
-        )
+        if not fitting:
+            return None, f"no wheel it can use has code for compute capability {gpu.compute_capability}"
     major, minor = max(fitting)
     runtimes = f", CUDA {major} runtime found" if runtime_majors else ""
-    return f"cu{major}{minor}", f"driver supports CUDA {gpu.cuda_version}{runtimes}"
+    ptx = ", its 9.0 PTX compiled for this GPU when first loaded" if capability and capability > (9, 0) else ""
+    return f"cu{major}{minor}", f"driver supports CUDA {gpu.cuda_version}{runtimes}{ptx}"
 
 
 class _Links(html.parser.HTMLParser):
@@ -238,7 +240,7 @@ def wheel_command(
     return InstallPlan(
         argv=argv,
         reason=f"{gpu.name}: prebuilt {variant} wheel",
-        restart_needed=imported or installed,
+        restart_needed=imported,
         kind="wheel",
     )
 
@@ -268,10 +270,16 @@ def installed_version(python: str = sys.executable) -> str | None:
     return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
+def is_pinned(version: str | None) -> bool:
+    """Whether an installed version is the pinned one. A local label ("0.3.35+cu125") matches, as it does
+    for pip's `==0.3.35` (PEP 440)."""
+    return version is not None and version.split("+")[0] == LLAMA_CPP_VERSION
+
+
 def is_installed(python: str = sys.executable) -> bool:
     """The pinned version is installed (another version is replaced, as `pip install -r requirements.txt`
     would do, but with this module's build flags and backend)."""
-    return installed_version(python) == LLAMA_CPP_VERSION
+    return is_pinned(installed_version(python))
 
 
 def ensure_llama_cpp(
@@ -291,7 +299,7 @@ def ensure_llama_cpp(
     if gpu is None:
         gpu = detect_gpu(system=system)
     have, imported = installed_version(python), "llama_cpp" in sys.modules
-    installed = have == LLAMA_CPP_VERSION
+    installed = is_pinned(have)
     if have and not installed:
         print(f"llama-cpp-python {have} is installed; this project pins {LLAMA_CPP_VERSION}: replacing it.")
     plan = install_command(gpu, installed=installed, python=python, imported=imported, system=system)

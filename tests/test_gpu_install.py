@@ -230,7 +230,10 @@ def test_install_plan_on_apple_silicon_is_the_default_metal_build():
     metal = GPUInfoLike(backend="metal", offload=True)
     assert install_command(metal, installed=True, system=MAC) is None
     replacing = install_command(GPUInfoLike(backend="metal", offload=False), installed=True, python="py", system=MAC)
-    assert {"--force-reinstall", "--no-deps", "--no-cache-dir"} <= set(replacing.argv) and replacing.restart_needed
+    assert {"--force-reinstall", "--no-deps", "--no-cache-dir"} <= set(replacing.argv)
+    assert not replacing.restart_needed  # llama_cpp was not imported here
+    imported = install_command(GPUInfoLike(backend="metal", offload=False), installed=True, imported=True, system=MAC)
+    assert imported.restart_needed
 
 
 def GPUInfoLike(*, backend="cuda", offload=None, cuda="12.2", cap="7.5", name="Tesla T4"):
@@ -312,7 +315,7 @@ def test_gpu_machine_builds_cuda_for_its_compute_capability(fake_nvidia_smi, car
 
 
 def test_cpu_build_on_gpu_machine_is_replaced(fake_nvidia_smi):
-    plan = install_command(gpu_with(False, fake=fake_nvidia_smi), installed=True, python="py")
+    plan = install_command(gpu_with(False, fake=fake_nvidia_smi), installed=True, python="py", imported=True)
     assert {"--force-reinstall", "--no-deps", "--no-cache-dir"} <= set(plan.argv)
     assert plan.restart_needed and "replacing the CPU-only build" in plan.reason
     assert not any("ipywidgets" in part for part in plan.argv)
@@ -387,14 +390,29 @@ def test_wheel_variant(driver_cuda, cap, runtimes, system, expected):
     assert variant == expected and why
 
 
+def test_wheel_variant_says_which_condition_ruled_the_wheels_out():
+    def why(driver_cuda, cap, runtimes):
+        return wheel_variant(GPUInfoLike(cuda=driver_cuda, cap=cap), runtime_majors=runtimes, system=LINUX)[1]
+
+    assert why("11.4", "7.5", {11}) == "the driver supports CUDA 11.4, older than every wheel variant"
+    assert why("12.0", "7.5", {12}) == "no wheel for the CUDA runtime here (CUDA 12) runs on a driver for CUDA 12.0"
+    assert why("12.2", "7.5", {13}).endswith(
+        "(CUDA 13) runs on a driver for CUDA 12.2 (newer than the driver: update the driver, or the build will not run)"
+    )
+    assert "newer" not in why("13.0", "7.5", {11})  # an old toolkit: the driver runs it
+    assert why("12.4", "5.2", {12}) == "no wheel it can use has code for compute capability 5.2"
+    assert "9.0 PTX" in why("12.8", "12.0", {12}) and "9.0 PTX" not in why("12.8", "9.0", {12})
+
+
 def test_wheel_command_is_wheels_only():
     plan = wheel_command(GPUInfoLike(), "cu125", installed=False, python="py", index="http://i/whl")
     assert plan.argv[:5] == ["py", "-m", "pip", "install", REQUIREMENT]
     assert "--only-binary=llama-cpp-python" in plan.argv
     assert plan.argv[plan.argv.index("--extra-index-url") + 1] == "http://i/whl/cu125"
     assert plan.kind == "wheel" and not plan.env  # nothing for CMake: nothing is built
-    replacing = wheel_command(GPUInfoLike(offload=False), "cu125", installed=True, python="py")
+    replacing = wheel_command(GPUInfoLike(offload=False), "cu125", installed=True, python="py", imported=True)
     assert {"--force-reinstall", "--no-deps"} <= set(replacing.argv) and replacing.restart_needed
+    assert not wheel_command(GPUInfoLike(offload=False), "cu125", installed=True, python="py").restart_needed
 
 
 # --- prebuilt CUDA wheels: the real pip against a local wheel index ------------------------------
@@ -484,6 +502,16 @@ def install_other_version(python, tmp_path, version="0.3.30"):
     wheel = fake_wheel(tmp_path / "old", version, offload=True)
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-index", str(wheel)], check=True)
     assert offload_in(python) == [version, "True"]
+
+
+def test_a_local_version_label_is_the_pinned_version(target, tmp_path, capsys):
+    """A wheel built as 0.3.35+cu125 satisfies pip's ==0.3.35 (PEP 440): it must not be replaced forever."""
+    install_other_version(target, tmp_path, version=f"{LLAMA_CPP_VERSION}+cu125")
+    assert ensure_llama_cpp(replace(GPUInfoLike(), llama_cpp_offload=True), python=target, system=LINUX) is None
+    out = capsys.readouterr().out
+    assert "nothing to do" in out and "replacing" not in out
+    done = subprocess.run([target, "-m", "pip", "install", "--no-index", REQUIREMENT], capture_output=True, text=True)
+    assert done.returncode == 0 and "already satisfied" in done.stdout  # pip agrees
 
 
 def test_another_installed_version_is_replaced_by_the_pinned_wheel(target, tmp_path, capsys, monkeypatch):
@@ -579,13 +607,26 @@ def test_gpu_check_on_a_fresh_checkout_sets_up_first(tmp_path):
         "PATH": f"{RECORDED}{os.pathsep}{os.environ['PATH']}",
         "NVIDIA_SMI_CARD": "t4",
         "GPU_CHECK_DIR": str(tmp_path),
-        "PYTHON": str(tmp_path / "no-venv-yet" / "python"),
     }
-    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
+    fresh = tmp_path / "checkout"
+    for part in ("bench", "helpers"):  # what the script runs before make setup; no .venv
+        shutil.copytree(ROOT / part, fresh / part, ignore=shutil.ignore_patterns("__pycache__", "*.gguf"))
+    env["PYTHON"] = "/usr/bin/a-python-meant-for-something-else"  # must not reach make setup
+    done = subprocess.run(
+        ["bash", str(fresh / "bench" / "gpu_check.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     steps = [line[2:] for line in done.stdout.splitlines() if line.startswith("+ ")]
-    assert steps[0] == "make setup" and "-m helpers.install" in steps[1]
+    assert steps[0] == "env -u PYTHON make setup" and steps[1] == ".venv/bin/python -m helpers.install"
     assert f"--install {tmp_path}/setup.log {tmp_path}/install.log" in steps[-1]
+    # A Python named for the check that does not exist is refused, not set up over.
+    env["GPU_CHECK_PYTHON"] = str(tmp_path / "no-such" / "python")
+    done = subprocess.run(["bash", str(GPU_CHECK), "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "is not a Python here" in done.stderr
 
 
 def test_gpu_check_needs_a_gpu(tmp_path):
@@ -624,6 +665,8 @@ def test_gpu_table_from_the_steps_output(capsys, fake_nvidia_smi):
     assert "nothing to do" in second_run
     both = dict(table(install_log + second_run, scale, "NVIDIA H100 80GB HBM3", 3_825_517_184))
     assert both["install"] == result["install"]
+    replaced = install_log + "Done in 612 s (Tesla T4: CUDA build for compute capability 7.5).\n"
+    assert dict(table(replaced, scale, "Tesla T4", 3_825_517_184))["install"].endswith("7.5, 612 s")
     assert result["layers offloaded"] == "all layers on the GPU"
     assert (result["prompt tokens/s"], result["generation tokens/s"]) == ("5123.40", "150.20")
     assert result["time to first token, 5th turn, cache off"] == "0.21 s"
