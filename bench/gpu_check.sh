@@ -12,14 +12,15 @@
 #      generation tokens/s, time to first token, generation against the GPU's memory-bandwidth ceiling.
 #
 # Usage: bash bench/gpu_check.sh [--dry-run]      (--dry-run prints the commands and runs none of them)
-# Settings: PYTHON (default .venv/bin/python), GPU_CHECK_DIR (default /tmp/gpu-check), GPU_CHECK_QUANT
+# Settings: GPU_CHECK_PYTHON (an environment set up already; default .venv/bin/python, made by `make setup`
+# when missing), GPU_CHECK_DIR (default /tmp/gpu-check), GPU_CHECK_QUANT
 # (default Q4_0; Q4_K_M as in `make bench-7b` adds llama.cpp's quantizer, about a minute on many cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dry_run=0
 if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; fi
-python=${PYTHON:-.venv/bin/python}
+python=${GPU_CHECK_PYTHON:-.venv/bin/python}
 out=${GPU_CHECK_DIR:-/tmp/gpu-check}
 quant=${GPU_CHECK_QUANT:-Q4_0}
 model="$out/llama2-7b-shaped.$quant.gguf"
@@ -36,6 +37,14 @@ if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
     echo "No NVIDIA GPU here (nvidia-smi is missing or finds no device): this check needs one." >&2
     exit 2
 fi
+if [[ -n ${GPU_CHECK_PYTHON:-} && ! -x $python ]]; then
+    echo "GPU_CHECK_PYTHON=$python is not a Python here: unset it to let make setup create .venv." >&2
+    exit 2
+fi
+if ! command -v python3 >/dev/null; then
+    echo "python3 is not installed: install Python 3 (with its venv module) first." >&2
+    exit 2
+fi
 # helpers.gpu needs only the standard library: any Python 3 can name the GPU before the venv exists.
 gpu=$(python3 -c "from helpers.gpu import detect_gpu; print(detect_gpu(check_offload=False).name)")
 echo "GPU: $gpu"
@@ -46,7 +55,11 @@ started=$SECONDS
 # requirements) from `make setup`; an existing venv with a CPU-only build has it replaced by helpers.install.
 install_logs=("$out/install.log")
 if [[ ! -x $python ]]; then
-    run setup.log make setup
+    # The Makefile's PYTHON is the interpreter that makes the venv: never a value meant for something else.
+    if ! run setup.log env -u PYTHON make setup; then
+        echo "make setup failed: see $out/setup.log." >&2
+        exit 1
+    fi
     install_logs=("$out/setup.log" "$out/install.log")
 fi
 run install.log "$python" -m helpers.install

@@ -52,7 +52,8 @@ def scale_rows(text: str) -> dict[str, tuple[str, str]]:
 def install_summary(log: str) -> tuple[str, str]:
     """(what was installed, how long it took) from helpers.install's output (`make setup`'s, then its own
     second run's "nothing to do", when the check starts from a fresh checkout)."""
-    done = re.search(r"Done in (\d+) s \(([^)]*)\)", log)
+    # The last install that ran is the one in place (the second run replaces a build the first one left).
+    done = ([None] + list(re.finditer(r"Done in (\d+) s \(([^)]*)\)", log)))[-1]
     if done:
         return done.group(2), f"{done.group(1)} s"
     if "nothing to do" in log:
