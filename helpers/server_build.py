@@ -85,9 +85,19 @@ def cache_matches(build: Path, source: Path) -> bool:
     cache = build / "CMakeCache.txt"
     if not cache.exists():
         return True
-    found = dict(re.findall(r"^(CMAKE_HOME_DIRECTORY|CMAKE_CACHEFILE_DIR):INTERNAL=(.*)$", cache.read_text(), re.M))
+    text = cache.read_text(encoding="utf-8", errors="replace")
+    found = dict(re.findall(r"^(CMAKE_HOME_DIRECTORY|CMAKE_CACHEFILE_DIR):INTERNAL=(.*)$", text, re.M))
     wanted = {"CMAKE_HOME_DIRECTORY": source, "CMAKE_CACHEFILE_DIR": build}
     return all(key in found and Path(found[key]).resolve() == path.resolve() for key, path in wanted.items())
+
+
+def start_afresh(build: Path, source: Path, built_before: dict | None, wanted: dict) -> bool:
+    """Whether the build folder must go: made from another version's source (a new pin) or at another path
+    (a moved checkout), which CMake refuses; or last built with other settings (CUDA then, none now), whose
+    options its cache would keep."""
+    if not build.exists():
+        return False
+    return not cache_matches(build, source) or (built_before is not None and built_before != wanted)
 
 
 def build_server(*, bin_dir: Path | None = None, jobs: int | None = None, force: bool = False) -> Path:
@@ -105,11 +115,11 @@ def build_server(*, bin_dir: Path | None = None, jobs: int | None = None, force:
     started = time.monotonic()
     source = fetch_source(work)
     build = work / "llama-server-build"
-    if not cache_matches(build, source):
-        # Made from another version's source (a new pin) or at another path (a moved checkout): CMake would
-        # refuse it, so start afresh. The other versions' sources go too.
+    if start_afresh(build, source, json.loads(stamp.read_text()) if stamp.exists() else None, wanted):
         shutil.rmtree(build)
-    for old in work.glob("llama.cpp-*"):
+        stamp.unlink(missing_ok=True)  # an interrupted rebuild then resumes instead of starting afresh again
+    # The other versions' sources and half-extracted ones go too.
+    for old in [*work.glob("llama.cpp-*"), *work.glob(".part-*")]:
         if old != source:
             shutil.rmtree(old, ignore_errors=True)
     jobs = jobs or os.cpu_count() or 1

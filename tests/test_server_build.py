@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from helpers.server_build import cache_matches
+from helpers.server_build import cache_matches, start_afresh
 
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
 
@@ -43,3 +43,12 @@ def test_a_moved_build_folder_is_not(tmp_path):
     shutil.copytree(tmp_path / "old", tmp_path / "new")
     assert not cache_matches(tmp_path / "new" / "build", tmp_path / "new" / "llama.cpp-a")
     assert not cmake_accepts(tmp_path / "new" / "llama.cpp-a", tmp_path / "new" / "build")
+
+
+def test_other_settings_start_afresh_an_interrupted_build_resumes(tmp_path):
+    configure(tmp_path / "llama.cpp-a", tmp_path / "build")
+    cuda, cpu = {"version": "a", "cmake_args": ["-DGGML_CUDA=on"]}, {"version": "a", "cmake_args": []}
+    assert start_afresh(tmp_path / "build", tmp_path / "llama.cpp-a", cuda, cpu)  # the cache keeps GGML_CUDA
+    assert not start_afresh(tmp_path / "build", tmp_path / "llama.cpp-a", cpu, cpu)
+    assert not start_afresh(tmp_path / "build", tmp_path / "llama.cpp-a", None, cpu)  # never finished: resume
+    assert not start_afresh(tmp_path / "nothing-yet", tmp_path / "llama.cpp-a", cuda, cpu)
