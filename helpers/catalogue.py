@@ -172,10 +172,23 @@ def offline_model_path() -> Path:
     return path
 
 
-def advice(name: str, gpu, ram_bytes: int, n_ctx: int = 4096) -> str:
-    """One line for the GPU cell: which quantization fits and how many layers to offload."""
+def catalogue_gpu_layers(name: str, quant: str, *, free_bytes: int, total_bytes: int, n_ctx: int = 4096) -> int:
+    """`n_gpu_layers="auto"` for a catalogue file, from its size and architecture, before downloading it."""
     from helpers.gpu import auto_gpu_layers
 
+    n_layers, kv = ARCHITECTURE[name]
+    return auto_gpu_layers(
+        model_bytes=int(get_model(name, quant).size_gb * GB),
+        n_layers=n_layers,
+        kv_bytes_per_token=kv,
+        n_ctx=n_ctx,
+        free_bytes=free_bytes,
+        total_bytes=total_bytes,
+    )
+
+
+def advice(name: str, gpu, ram_bytes: int, n_ctx: int = 4096) -> str:
+    """One line for the GPU cell: which quantization fits and how many layers to offload."""
     quant = recommend(name, gpu_free_bytes=gpu.free_bytes if gpu else None, ram_bytes=ram_bytes)
     entry = get_model(name, quant)
     needs = f" {GPU_ADVICE[name]}" if name in GPU_ADVICE else ""
@@ -183,15 +196,8 @@ def advice(name: str, gpu, ram_bytes: int, n_ctx: int = 4096) -> str:
         return (
             f"Recommended: {name} {quant} ({entry.size_gb:.2f} GB file, {entry.ram_gb:.2f} GB RAM), on the CPU.{needs}"
         )
-    n_layers, kv = ARCHITECTURE[name]
-    layers = auto_gpu_layers(
-        model_bytes=int(entry.size_gb * GB),
-        n_layers=n_layers,
-        kv_bytes_per_token=kv,
-        n_ctx=n_ctx,
-        free_bytes=gpu.free_bytes,
-        total_bytes=gpu.total_bytes,
-    )
+    n_layers = ARCHITECTURE[name][0]
+    layers = catalogue_gpu_layers(name, quant, free_bytes=gpu.free_bytes, total_bytes=gpu.total_bytes, n_ctx=n_ctx)
     where = "all layers on the GPU" if layers > n_layers else f"{layers} of {n_layers + 1} layers on the GPU"
     return f"Recommended: {name} {quant} ({entry.size_gb:.2f} GB), {where} at n_ctx={n_ctx}.{needs}"
 

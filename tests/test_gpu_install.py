@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.catalogue import ARCHITECTURE, GB, get_model
+from helpers.catalogue import ARCHITECTURE, GB, catalogue_gpu_layers, get_model
 from helpers.gpu import (
     COMPUTE_BUFFER_BYTES,
     MARGIN_FRACTION,
@@ -259,14 +259,7 @@ def test_auto_layers_fill_the_card_and_no_more(card, model, quant):
     total, free = CARDS[card]
     n_layers, kv_per_token = ARCHITECTURE[model]
     size = int(get_model(model, quant).size_gb * GB)
-    layers = auto_gpu_layers(
-        model_bytes=size,
-        n_layers=n_layers,
-        kv_bytes_per_token=kv_per_token,
-        n_ctx=4096,
-        free_bytes=free * MiB,
-        total_bytes=total * MiB,
-    )
+    layers = catalogue_gpu_layers(model, quant, free_bytes=free * MiB, total_bytes=total * MiB)
     whole = size + kv_per_token * 4096
     if whole <= budget(total, free):
         assert layers == n_layers + 1  # everything, the output layer included

@@ -9,9 +9,9 @@ from collections import namedtuple
 import pytest
 
 from helpers import download
-from helpers.catalogue import ARCHITECTURE, GB, get_model
+from helpers.catalogue import ARCHITECTURE, catalogue_gpu_layers, get_model
 from helpers.download import NotEnoughDiskError
-from helpers.gpu import MiB, auto_gpu_layers
+from helpers.gpu import MiB
 from helpers.split_download import download_split_model, join_parts
 from tests.hub_server import HubServer, HubState, Repo
 
@@ -152,16 +152,8 @@ def test_70b_kv_cache_uses_its_8_kv_heads(tmp_path):
 )
 def test_70b_auto_layers(quant, card, everything):
     total, free = {"h100": (81559, 81001), "a100-40": (40960, 40339), "t4": (15360, 15101)}[card]
-    n_layers, kv_per_token = ARCHITECTURE["llama-2-70b-chat"]
-    size = int(get_model("llama-2-70b-chat", quant).size_gb * GB)
-    layers = auto_gpu_layers(
-        model_bytes=size,
-        n_layers=n_layers,
-        kv_bytes_per_token=kv_per_token,
-        n_ctx=4096,
-        free_bytes=free * MiB,
-        total_bytes=total * MiB,
-    )
+    n_layers = ARCHITECTURE["llama-2-70b-chat"][0]
+    layers = catalogue_gpu_layers("llama-2-70b-chat", quant, free_bytes=free * MiB, total_bytes=total * MiB)
     assert (layers == n_layers + 1) is everything
     if not everything:
         assert 0 < layers < n_layers
