@@ -279,6 +279,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def repo_cache_dir(cache: Path, repo_id: str) -> Path:
+    """A model repo's folder in huggingface_hub's cache: `models--<org>--<name>`."""
+    return cache / f"models--{repo_id.replace('/', '--')}"
+
+
 def _forget(pointer: Path) -> None:
     """Remove a downloaded file from huggingface_hub's cache: the blob and the snapshot's link to it, so the
     next call downloads it again. The refs stay: they only name the commit."""
@@ -334,7 +339,7 @@ class _Request:
         from huggingface_hub import constants
 
         cache = Path(self.cache_dir) if self.cache_dir else Path(constants.HF_HUB_CACHE)
-        return cache / f"models--{self.repo_id.replace('/', '--')}"
+        return repo_cache_dir(cache, self.repo_id)
 
     def cached(self) -> Path | None:
         """The copy in the cache, if there is one (what hf_hub_download returns without network)."""

@@ -23,14 +23,14 @@ CHUNK_BYTES = 64 * 1024**2
 
 
 def joined_path(cache: Path, repo_id: str, commit: str, filename: str) -> Path:
-    return cache / f"models--{repo_id.replace('/', '--')}" / "joined" / commit / filename
+    return download.repo_cache_dir(cache, repo_id) / "joined" / commit / filename
 
 
 def _cached_commit(cache: Path, repo_id: str, revision: str | None) -> str | None:
     """The commit `revision` (default main) points to in the local cache, as hf_hub_download recorded it."""
     if revision and len(revision) == 40:
         return revision
-    ref = cache / f"models--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
+    ref = download.repo_cache_dir(cache, repo_id) / "refs" / (revision or "main")
     return ref.read_text().strip() if ref.is_file() else None
 
 
@@ -61,14 +61,6 @@ def join_parts(parts: list[Path], target: Path) -> Path:
         )
     os.replace(partial, target)
     return target
-
-
-def _remove_from_cache(path: Path) -> None:
-    """Delete a downloaded part: its snapshot link and the blob it points to."""
-    blob = path.resolve()
-    path.unlink(missing_ok=True)
-    if blob != path:
-        blob.unlink(missing_ok=True)
 
 
 def download_split_model(
@@ -132,5 +124,5 @@ def download_split_model(
     check_gguf(target)
     if not keep_parts:
         for path in paths:
-            _remove_from_cache(path)
+            download._forget(path)  # the part: its snapshot link and the blob
     return target
