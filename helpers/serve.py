@@ -24,7 +24,9 @@ API_KEY_ENV = "LLAMA_API_KEY"  # llama-server's own environment variable for --a
 
 def server_binary() -> Path:
     """`.venv/bin/llama-server` (built by `make llama-server`, i.e. python -m helpers.server_build)."""
-    return Path(sys.prefix) / "bin" / "llama-server"
+    from helpers.server_build import default_bin_dir
+
+    return default_bin_dir() / "llama-server"
 
 
 def server_command(
