@@ -581,11 +581,9 @@ def connect(
     _check_token_prompts(endpoint, model)
 
     meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
-    if tokenizer is not None:
-        tok = LocalTokenizer(tokenizer)
-        props = _props(endpoint)
-    else:
-        props = _props(endpoint)
+    tok = LocalTokenizer(tokenizer) if tokenizer is not None else None
+    props = _props(endpoint)
+    if tok is None:
         if props is None:
             raise ServerResponseError(
                 f"{endpoint.root} has no /props and /tokenize (llama.cpp's llama-server has them), so the prompt "
@@ -623,7 +621,7 @@ def _props(endpoint: Endpoint) -> dict | None:
     try:
         props = endpoint.json("GET", "/props")
     except ServerResponseError as error:
-        if "HTTP 404" in str(error) or "not answer with JSON" in str(error):
+        if error.status == 404 or "not answer with JSON" in str(error):
             return None
         raise
     return props if isinstance(props, dict) else None
