@@ -308,8 +308,13 @@ def _compiled(source: str):
     except TemplateSyntaxError as e:
         raise ChatTemplateError(
             f"The chat template in this model's GGUF is not valid Jinja (line {e.lineno}: {e.message}); "
-            "pass template= one of: " + ", ".join(available_templates()) + "."
+            + _pass_a_template()
         ) from None
+
+
+def _pass_a_template() -> str:
+    """The way out that the template errors offer."""
+    return f"pass template= one of: {', '.join(available_templates())}."
 
 
 def render_template(source: str, *, time_limit: float | None = None, **variables) -> str:
@@ -324,7 +329,7 @@ def render_template(source: str, *, time_limit: float | None = None, **variables
     except _RenderTimeout:
         raise ChatTemplateError(
             f"The chat template in this model's GGUF was still rendering after {limit:g} s and was stopped "
-            "(a runaway loop); pass template= one of: " + ", ".join(available_templates()) + "."
+            "(a runaway loop); " + _pass_a_template()
         ) from None
     except RecursionError:
         raise ChatTemplateError(
@@ -339,7 +344,7 @@ def render_template(source: str, *, time_limit: float | None = None, **variables
     except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:  # a template's own bug
         raise ChatTemplateError(
             f"The chat template in this model's GGUF failed on this dialog ({type(e).__name__}: {e}); "
-            "pass template= one of: " + ", ".join(available_templates()) + "."
+            + _pass_a_template()
         ) from None
     finally:
         _deadline.reset(token)
@@ -534,8 +539,7 @@ def template_for(llm) -> str:
     if "tokenizer.chat_template" in meta:
         return "gguf"
     raise ValueError(
-        "Cannot tell which chat template this model uses (no chat template in its GGUF); "
-        f"pass template= one of: {', '.join(available_templates())}."
+        "Cannot tell which chat template this model uses (no chat template in its GGUF); " + _pass_a_template()
     )
 
 
