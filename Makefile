@@ -15,8 +15,8 @@ LLAMA_SERVER := $(BIN)/llama-server
 
 setup: $(STAMP)
 
-# llama-cpp-python first, through the one helper that picks the CUDA or CPU build (helpers/install.py).
-$(STAMP): requirements.txt requirements-dev.txt helpers/install.py helpers/gpu.py
+# llama-cpp-python first, through the one helper that picks the CUDA or CPU build (helpers/machine/install.py).
+$(STAMP): requirements.txt requirements-dev.txt helpers/machine/install.py helpers/machine/gpu.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m helpers.install
@@ -26,7 +26,7 @@ $(STAMP): requirements.txt requirements-dev.txt helpers/install.py helpers/gpu.p
 
 # The real Llama 2 tokenizer vocabulary, from llama-cpp-python's source distribution (tests only).
 $(VOCAB): | $(STAMP)
-	$(BIN)/python tests/fetch_vocab.py $(dir $@)
+	$(BIN)/python tests/support/fetch_vocab.py $(dir $@)
 
 # What Colab runs (googlecolab/backend-info's pip freeze: ipykernel 6.17.1, IPython 7.34.0, ipywidgets 7.7.1,
 # widgetsnbextension 3.6.10), on this Python, for the notebook and widget tests (put on PYTHONPATH). IPython 7
@@ -77,10 +77,10 @@ clean:
 	rm -rf $(VENV) tests/data .pytest_cache test-artifacts quantized
 
 # llama.cpp's llama-server, built once from the llama.cpp that the pinned llama-cpp-python vendors (same
-# kernels and build flags as the bindings; about 15 minutes on 2 cores). helpers/server_build.py keeps a
+# kernels and build flags as the bindings; about 15 minutes on 2 cores). helpers/machine/server_build.py keeps a
 # stamp beside it and rebuilds only when the version or the flags change.
-$(LLAMA_SERVER): helpers/server_build.py helpers/llama_server_build.cmake helpers/llama_cpp_build.cmake | $(STAMP)
-	$(BIN)/python -m helpers.server_build
+$(LLAMA_SERVER): helpers/machine/server_build.py helpers/machine/llama_server_build.cmake helpers/machine/llama_cpp_build.cmake | $(STAMP)
+	$(BIN)/python -m helpers.machine.server_build
 	touch $@
 
 llama-server: $(LLAMA_SERVER)
@@ -89,7 +89,7 @@ llama-server: $(LLAMA_SERVER)
 # key that clients must send. Other options: make serve SERVE_ARGS="--offline --port 8081".
 PARALLEL ?= 4
 serve: $(LLAMA_SERVER)
-	$(BIN)/python -m helpers.serve --parallel $(PARALLEL) $(SERVE_ARGS)
+	$(BIN)/python -m helpers.machine.serve --parallel $(PARALLEL) $(SERVE_ARGS)
 
 # 8 concurrent clients x 5 requests against llama-server --parallel 4 with the small model, on loopback.
 load-test: $(LLAMA_SERVER)

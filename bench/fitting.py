@@ -1,4 +1,4 @@
-"""Context fitting: `helpers.fitting.fit_to_context` against the definition it replaced (drop the oldest pair,
+"""Context fitting: `helpers.context_window.fit_to_context` against the definition it replaced (drop the oldest pair,
 encode the whole dialog again, repeat), on a long Llama 2 chat with the real Llama 2 tokenizer.
 
     python bench/fitting.py [--pairs 400] [--n-ctx 4096]
@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import llama_cpp  # noqa: E402
 
-from helpers.fitting import fit_to_context  # noqa: E402
-from helpers.loading import as_model  # noqa: E402
+from helpers.context_window import fit_to_context  # noqa: E402
+from helpers.engine.loading import as_model  # noqa: E402
 from helpers.templates import encode_chat  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parents[1] / "tests" / "data" / "ggml-vocab-llama-spm.gguf"

@@ -45,8 +45,8 @@ if ! command -v python3 >/dev/null; then
     echo "python3 is not installed: install Python 3 (with its venv module) first." >&2
     exit 2
 fi
-# helpers.gpu needs only the standard library: any Python 3 can name the GPU before the venv exists.
-gpu=$(python3 -c "from helpers.gpu import detect_gpu; print(detect_gpu(check_offload=False).name)")
+# helpers.machine.gpu needs only the standard library: any Python 3 can name the GPU before the venv exists.
+gpu=$(python3 -c "from helpers.machine.gpu import detect_gpu; print(detect_gpu(check_offload=False).name)")
 echo "GPU: $gpu"
 mkdir -p "$out"
 started=$SECONDS
@@ -76,7 +76,7 @@ if [[ $dry_run == 0 ]] && ! grep -q " passed" "$out/gpu-tests.log"; then
 fi
 
 # 3. The 7B-scale benchmark, every layer on the GPU.
-if [[ ! -f $vocab ]]; then run vocab.log "$python" tests/fetch_vocab.py "$(dirname "$vocab")"; fi
+if [[ ! -f $vocab ]]; then run vocab.log "$python" tests/support/fetch_vocab.py "$(dirname "$vocab")"; fi
 if [[ ! -f $model ]]; then run model.log "$python" bench/make_llama2_gguf.py "$model" --quant "$quant"; fi
 run scale.txt "$python" bench/scale.py --model "$model" --tokens 128
 

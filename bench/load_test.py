@@ -1,7 +1,7 @@
 """Load test, on loopback only: llama-server with parallel slots serving the small model to concurrent clients.
 
 Starts `.venv/bin/llama-server --parallel 4` with SmolLM2-135M on 127.0.0.1 (stopped at the end whatever
-happens: tests/llama_server.py), then in one run: one client alone, then 8 clients x 5 requests at once, each
+happens: tests/support/llama_server.py), then in one run: one client alone, then 8 clients x 5 requests at once, each
 client its own `helpers.connect` model in its own thread. Every answer must be complete and well-formed
 (a finish reason of stop or length, at least one token, the server's token count equal to the client's)
 with 0 errors. Prints aggregate tokens/s (all completion tokens / wall time) against the single client,
@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from helpers.engine.remote import connect  # noqa: E402
 from helpers.generation import generate  # noqa: E402
-from helpers.remote import connect  # noqa: E402
 from helpers.settings import GenerationSettings  # noqa: E402
 
 TOPICS = ["rivers", "mountains", "the moon", "bread", "bicycles", "rain", "libraries", "owls", "tea", "maps"]
@@ -114,8 +114,8 @@ def run_load(url: str, *, clients: int, requests: int, max_tokens: int = 64, api
 
 
 def main(argv: list[str]) -> int:
-    from helpers.catalogue import offline_model_path
-    from tests.llama_server import running_server
+    from helpers.files.catalogue import offline_model_path
+    from tests.support.llama_server import running_server
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clients", type=int, default=8)

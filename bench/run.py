@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from helpers.catalogue import offline_model_path  # noqa: E402
+from helpers.engine.loading import load_model, unload_model  # noqa: E402
+from helpers.files.catalogue import offline_model_path  # noqa: E402
 from helpers.generation import GenerationStats, stream  # noqa: E402
-from helpers.loading import load_model, unload_model  # noqa: E402
 from helpers.settings import GenerationSettings  # noqa: E402
 from helpers.templates import encode_chat  # noqa: E402
 
@@ -46,7 +46,7 @@ def helper_rate(llm, settings, messages=STORY) -> tuple[float, int]:
 
 
 def raw_rate(model, settings, messages=STORY) -> tuple[float, int]:
-    # On the thread that runs the model's llama.cpp work, as helpers.stream does (see helpers/model.py).
+    # On the thread that runs the model's llama.cpp work, as helpers.stream does (see helpers/engine/model.py).
     prompt = encode_chat(model, messages)
     return model.run(lambda backend: _raw_rate(backend.llama, settings, prompt))
 

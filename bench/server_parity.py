@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from helpers.catalogue import offline_model_path  # noqa: E402
+from helpers.engine.loading import load_model  # noqa: E402
+from helpers.engine.remote import connect  # noqa: E402
+from helpers.files.catalogue import offline_model_path  # noqa: E402
 from helpers.generation import generate  # noqa: E402
-from helpers.loading import load_model  # noqa: E402
-from helpers.remote import connect  # noqa: E402
 from helpers.settings import GenerationSettings  # noqa: E402
-from tests.llama_server import running_server  # noqa: E402
+from tests.support.llama_server import running_server  # noqa: E402
 
 DIALOGS = [
     [{"role": "user", "content": "What is the capital of France?"}],

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from helpers.catalogue import offline_model_path  # noqa: E402
+from helpers.engine.loading import load_model  # noqa: E402
+from helpers.files.catalogue import offline_model_path  # noqa: E402
 from helpers.generation import GenerationStats, generate, stream  # noqa: E402
-from helpers.loading import load_model  # noqa: E402
 from helpers.settings import GenerationSettings  # noqa: E402
 
 PROMPTS = [

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from helpers.catalogue import DEFAULT_MODEL, available_models
+from helpers.files.catalogue import DEFAULT_MODEL, available_models
 from helpers.settings import GenerationSettings
 
 
@@ -46,10 +46,10 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from helpers.download import DownloadError, resolve_model
+    from helpers.engine.loading import ModelLoadError, load_model
+    from helpers.engine.remote import ServerError, connect
+    from helpers.files.download import DownloadError, resolve_model
     from helpers.generation import GenerationStats, stream
-    from helpers.loading import ModelLoadError, load_model
-    from helpers.remote import ServerError, connect
 
     args = parse_args(argv)
     try:

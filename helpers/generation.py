@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from helpers.backend import ModelUnloadedError, PromptProgress
-from helpers.fitting import ContextOverflowError, fit_to_context
-from helpers.loading import as_model
+from helpers.context_window import ContextOverflowError, fit_to_context
+from helpers.engine.backend import ModelUnloadedError, PromptProgress
+from helpers.engine.loading import as_model
 from helpers.settings import GenerationSettings
 
 

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from helpers.engine.loading import as_model, captured_native_log, load_model, physical_cores, unload_model
+from helpers.files.gguf_header import read_info
 from helpers.generation import GenerationStats, stream
-from helpers.loading import as_model, captured_native_log, load_model, physical_cores, unload_model
-from helpers.modelinfo import read_info
 from helpers.settings import GenerationSettings
 
 # A fixed evaluation text (public domain: the opening of the US Declaration of Independence and of
@@ -264,8 +264,8 @@ def files_to_compare(name: str, model_path: Path, folder: Path = Path("quantized
     """The files the notebook compares: variants made here from the bundled model when it is the one in
     use; else a few quantizations of the catalogue model, downloaded only when `download` is True (12 GB for
     Llama 2 7B) and otherwise none (an empty list, after one line saying how to ask for them)."""
-    from helpers.catalogue import get_model, offline_model_path
-    from helpers.download import download_model
+    from helpers.files.catalogue import get_model, offline_model_path
+    from helpers.files.download import download_model
 
     if Path(model_path) == offline_model_path():
         return [Path(model_path), *make_variants(Path(model_path), folder)]

@@ -29,7 +29,7 @@ from datetime import datetime
 from functools import lru_cache
 from typing import NamedTuple
 
-from helpers.loading import as_model
+from helpers.engine.loading import as_model
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"

@@ -10,7 +10,7 @@ VOCAB = Path(__file__).parent / "data" / "ggml-vocab-llama-spm.gguf"
 
 @pytest.fixture(scope="session")
 def smol_path():
-    from helpers.catalogue import offline_model_path
+    from helpers.files.catalogue import offline_model_path
 
     return offline_model_path()
 
@@ -19,7 +19,7 @@ def smol_path():
 def smol(smol_path):
     """The small chat model through the project's loader: loaded once, handed back from its cache after
     (a test that loads another model makes the next use reload this one)."""
-    from helpers.loading import load_model
+    from helpers.engine.loading import load_model
 
     return load_model(smol_path)
 
@@ -30,7 +30,7 @@ def llama2_vocab():
     import llama_cpp
 
     if not VOCAB.is_file():
-        pytest.fail(f"{VOCAB} is missing: run `make test` (it fetches it with tests/fetch_vocab.py).")
+        pytest.fail(f"{VOCAB} is missing: run `make test` (it fetches it with tests/support/fetch_vocab.py).")
     llama = llama_cpp.Llama(model_path=str(VOCAB), vocab_only=True, verbose=False)
     yield llama
     llama.close()
@@ -46,7 +46,7 @@ def llama2_tiny_path(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    from helpers.gpu import detect_gpu
+    from helpers.machine.gpu import detect_gpu
 
     needs_gpu = [item for item in items if "gpu" in item.keywords]
     if not needs_gpu:

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from helpers.catalogue import OFFLINE_MODEL
+from helpers.files.catalogue import OFFLINE_MODEL
 from helpers.generation import generate
 from helpers.settings import GenerationSettings
 

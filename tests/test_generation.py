@@ -121,7 +121,7 @@ def test_cancel_before_start(smol):
 
 
 def test_old_turns_dropped_to_fit_context(smol_path):
-    from helpers.loading import load_model
+    from helpers.engine.loading import load_model
 
     llm = load_model(smol_path, n_ctx=256)
     history = [{"role": "system", "content": "Be brief."}]

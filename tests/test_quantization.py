@@ -7,7 +7,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from helpers.loading import load_model, unload_model
+from helpers.engine.loading import load_model, unload_model
 from helpers.quantization import EVAL_TEXT, compare_quantizations, files_to_compare, make_variants, perplexity, plot
 from helpers.settings import GenerationSettings
 

@@ -1,0 +1,661 @@
+"""A model served over HTTP: `connect(base_url)` returns a `helpers.Model` whose engine is an OpenAI-compatible
+server (llama.cpp's `llama-server` first of all), so `generate`, `stream`, `build_ui` and the command line
+take it exactly like a model loaded in the kernel.
+
+What goes over the wire (llama-server's fields are from its source, tools/server/server-schema.cpp and
+server-task.cpp in the llama.cpp that llama-cpp-python 0.3.35 vendors):
+
+- The prompt is sent to `/v1/completions` as a list of token ids: the exact encoding `encode_chat` makes,
+  with control-token spellings typed by the user kept as text. Never rendered text for the server to
+  tokenize: llama-server and llama-cpp-python both parse `</s>` or `<s>` in text as control tokens.
+- Tokenizing uses the server's own `/tokenize` and `/detokenize` (llama-server), so the client needs no
+  model file: the vocabulary is the one generating, and a laptop can drive a 70B model it could not hold.
+  Each call is one loopback round trip (about a millisecond); a chat turn is encoded once. For servers
+  without that endpoint (vLLM, Ollama) pass `tokenizer=` a local GGUF of the same model: any Llama 2 GGUF,
+  or just its 724 KB vocabulary, tokenizes every Llama 2 chat model the same.
+- Streamed as server-sent events. Each chunk is one generated token; `verbose: true` makes llama-server
+  add the token's id and the running count (`__verbose.tokens`, `tokens_predicted`), which keeps the
+  completion-token count exact even when a token's text is held back (half a UTF-8 character, the start
+  of a stop string). `return_progress: true` reports prompt progress, with the tokens reused from the
+  server's prompt cache. Servers that ignore those fields still work: one chunk of text, one token.
+- A stop closes the connection: llama-server notices at its next token and frees the slot.
+
+Parity with the in-process model holds for llama-server started with `-fa off` (flash attention changes
+the rounding) and repeat_penalty 1.0 (llama-server counts prompt tokens in the penalty window,
+llama-cpp-python's sampler does not): see the README's "Serving and scaling out".
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from helpers.engine.backend import PromptProgress, SampledToken
+from helpers.engine.model import Model
+from helpers.settings import GenerationSettings
+
+DEFAULT_TIMEOUT = 60.0  # seconds to connect, and to wait for any byte (prompt progress and pings come sooner)
+
+
+class ServerError(RuntimeError):
+    """The server could not be used; the message says what happened and what to do next."""
+
+    status: int | None = None  # the HTTP status, when the server answered with one
+    detail: str = ""  # the server's own message
+
+
+class ServerUnavailableError(ServerError):
+    """Nothing answers at the address (server down, wrong host or port, or it stopped answering)."""
+
+
+class ServerAuthError(ServerError):
+    """The server refused the API key (HTTP 401 or 403)."""
+
+
+class ServerResponseError(ServerError):
+    """The server answered with an error (HTTP 4xx/5xx), or with something that is not its API (a wrong
+    URL, malformed events, a stream cut before the answer ended)."""
+
+
+class TokenPromptsUnsupportedError(ServerError):
+    """The server takes text prompts only (llama-cpp-python's `llama_cpp.server`), so it would tokenize the
+    rendered chat itself and turn a typed `</s>` into a control token."""
+
+
+# --- HTTP ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the server is: `base_url` in the OpenAI client's form (`http://127.0.0.1:8080/v1`)."""
+
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)  # sent as a bearer token, never shown
+    timeout: float = DEFAULT_TIMEOUT
+
+    @classmethod
+    def parse(cls, base_url: str, api_key: str | None, timeout: float) -> Endpoint:
+        parts = urlsplit(base_url or "")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be an http(s) address like http://127.0.0.1:8080/v1, got {base_url!r}.")
+        if not (isinstance(timeout, int | float) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+        return cls(base_url.rstrip("/"), api_key or None, float(timeout))
+
+    @property
+    def root(self) -> str:
+        """The server's own address: base_url without its trailing /v1 (llama-server's /tokenize is there)."""
+        return re.sub(r"/v1$", "", self.base_url)
+
+    def url(self, path: str) -> str:
+        """`/v1/...` paths go under base_url, others under the root."""
+        return self.base_url + path[3:] if path.startswith("/v1/") else self.root + path
+
+    def open(
+        self, method: str, path: str, body: dict | None = None, *, wait: bool = False
+    ) -> tuple[http.client.HTTPConnection, object]:
+        """Send one request; returns the connection and its response (status checked: errors raise).
+        `timeout` bounds connecting and each read; `wait=True` (completions) waits for the answer as long as the
+        server needs: with all slots busy llama-server queues a request and answers only when a slot frees
+        (8 clients on 4 slots waited over a minute here). A stop still ends it at once (it closes the socket)."""
+        url = urlsplit(self.url(path))
+        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        connection = kind(url.hostname, url.port, timeout=self.timeout)
+        try:
+            connection.connect()
+        except OSError as error:
+            connection.close()
+            raise ServerUnavailableError(
+                f"No answer from {self.base_url} ({_reason(error)}). Is the server running, and is the address "
+                "right? Start one with `make serve`, or check the host and port."
+            ) from None
+        if wait:
+            connection.sock.settimeout(None)
+        headers = {"Accept": "application/json, text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        target = url.path + (f"?{url.query}" if url.query else "")
+        try:
+            connection.request(method, target, body=data, headers=headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise ServerUnavailableError(
+                f"{self.base_url} took the request to {path} but did not answer ({_reason(error)}, after "
+                f"{self.timeout:g} s at most per read). Is it overloaded? Try again, or connect(..., timeout=...)."
+            ) from None
+        if response.status >= 400:
+            payload = response.read()
+            connection.close()
+            raise _http_error(self, path, response.status, payload)
+        return connection, response
+
+    def json(self, method: str, path: str, body: dict | None = None) -> dict:
+        connection, response = self.open(method, path, body)
+        try:
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as error:
+            raise ServerUnavailableError(f"{self.base_url} stopped answering ({_reason(error)}).") from None
+        finally:
+            connection.close()
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise ServerResponseError(
+                f"{self.url(path)} did not answer with JSON ({payload[:80]!r}): is {self.base_url} an "
+                "OpenAI-compatible server's address (ending in /v1)?"
+            ) from None
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, socket.timeout | TimeoutError):
+        return "timed out"
+    return str(error) or type(error).__name__
+
+
+def _error_message(payload: bytes) -> str:
+    """The message in an OpenAI-style error body ({"error": {"message": ...}}), FastAPI's ({"detail": ...}),
+    or the body itself."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return payload.decode("utf-8", "replace").strip()[:300]
+    if isinstance(body, dict):
+        error = body.get("error", body.get("detail", body))
+        if isinstance(error, dict):
+            return str(error.get("message", error))
+        return str(error)
+    return str(body)[:300]
+
+
+def _http_error(endpoint: Endpoint, path: str, status: int, payload: bytes) -> ServerError:
+    message = _error_message(payload)
+    error = _http_error_for(endpoint, path, status, message)
+    error.status, error.detail = status, message
+    return error
+
+
+def _http_error_for(endpoint: Endpoint, path: str, status: int, message: str) -> ServerError:
+    if status in (401, 403):
+        key = "the API key it was given" if endpoint.api_key else "requests without an API key"
+        return ServerAuthError(
+            f"{endpoint.base_url} refused {key} (HTTP {status}: {message}). Pass the server's key: "
+            "connect(url, api_key=...), or LLAMA_API_KEY for `make serve`."
+        )
+    if status == 404:
+        return ServerResponseError(
+            f"{endpoint.url(path)} does not exist (HTTP 404: {message}). base_url is the OpenAI-style address "
+            "ending in /v1, e.g. http://127.0.0.1:8080/v1."
+        )
+    if status >= 500:
+        return ServerResponseError(
+            f"The server failed (HTTP {status} from {path}: {message}). Try again, or see its log."
+        )
+    return ServerResponseError(f"The server rejected the request to {path} (HTTP {status}: {message}).")
+
+
+# --- server-sent events --------------------------------------------------------------------------------
+
+
+def sse_events(response) -> Iterator[dict | None]:
+    """The JSON objects of an event stream (`data: {...}` lines, events ended by a blank line); None for
+    `data: [DONE]`. Comments (`:` pings) are skipped. Raises ServerResponseError on a line that is not JSON."""
+    data: list[str] = []
+    while True:
+        raw = response.readline()
+        if not raw:
+            if data:
+                raise ServerResponseError("The event stream ended in the middle of an event.")
+            return
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if line.startswith(":"):
+            continue
+        if line:
+            name, _, value = line.partition(":")
+            if name == "data":
+                data.append(value[1:] if value.startswith(" ") else value)
+            continue
+        if not data:
+            continue
+        text, data = "\n".join(data), []
+        if text.strip() == "[DONE]":
+            yield None
+            continue
+        try:
+            event = json.loads(text)
+        except ValueError:
+            raise ServerResponseError(f"The server sent an event that is not JSON: {text[:120]!r}.") from None
+        if not isinstance(event, dict):
+            raise ServerResponseError(f"The server sent an event that is not a JSON object: {text[:120]!r}.")
+        yield event
+
+
+# --- the backend ---------------------------------------------------------------------------------------
+
+
+class ServerTokenizer:
+    """Tokenizing with llama-server's `/tokenize` and `/detokenize` (the vocabulary that generates)."""
+
+    def __init__(self, endpoint: Endpoint, props: dict, n_vocab: int):
+        self._endpoint = endpoint
+        self._n_vocab = n_vocab
+        self._control: dict[int, bool] = {}
+        name = Path(props.get("model_path") or "").name
+        self.metadata = {"general.name": props.get("model_alias") or name, "general.basename": name}
+        if props.get("chat_template"):
+            self.metadata["tokenizer.chat_template"] = props["chat_template"]
+        self._bos = self._single(props.get("bos_token"), "bos_token")
+        self._eos = self._single(props.get("eos_token"), "eos_token")
+        plain = self._tokens("a", add_special=False)
+        self.add_bos = self._tokens("a", add_special=True)[: -len(plain) or None] == [self._bos]
+
+    def _tokens(self, text: str, *, add_special: bool = False, special: bool = False) -> list[int]:
+        body = {"content": text, "add_special": add_special, "parse_special": special}
+        tokens = self._endpoint.json("POST", "/tokenize", body).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise ServerResponseError(f"/tokenize answered {tokens!r} instead of a list of token ids.")
+        return tokens
+
+    def _single(self, spelling: str | None, what: str) -> int:
+        tokens = self._tokens(spelling, special=True) if spelling else []
+        if len(tokens) != 1:
+            raise ServerResponseError(f"The server's {what} ({spelling!r}) is not one token: cannot build prompts.")
+        return tokens[0]
+
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    def token_bos(self) -> int:
+        return self._bos
+
+    def token_eos(self) -> int:
+        return self._eos
+
+    def is_control(self, token: int) -> bool:
+        """Whether `token` is a control token: its spelling is that token only when control tokens are parsed
+        (`/tokenize` does not report token attributes, so this is how it can tell)."""
+        if token not in self._control:
+            spelling = self.detokenize([token], special=True).decode("utf-8", "replace")
+            parsed = self._tokens(spelling, special=True)
+            self._control[token] = parsed == [token] and self._tokens(spelling, special=False) != parsed
+        return self._control[token]
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        return self._tokens(text, special=special)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
+        # llama-server renders control tokens as their spelling (common_token_to_piece, special=true).
+        content = self._endpoint.json("POST", "/detokenize", {"tokens": list(tokens)}).get("content", "")
+        return content.encode("utf-8")
+
+    def close(self) -> None:
+        pass
+
+
+class LocalTokenizer:
+    """Tokenizing with a local GGUF of the same model (its vocabulary only: `vocab_only=True`)."""
+
+    def __init__(self, path: str | Path):
+        import llama_cpp
+
+        from helpers.engine.llama_backend import LlamaCppBackend
+        from helpers.engine.loading import captured_native_log
+
+        if not Path(path).is_file():
+            raise ValueError(f"tokenizer must be a GGUF file of the served model; {str(path)!r} does not exist.")
+        with captured_native_log([], echo=False):
+            llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        self._vocab = LlamaCppBackend(llama, owned=True)
+        self.metadata = dict(self._vocab.metadata)
+        self.add_bos = self._vocab.add_bos
+        for name in ("n_vocab", "token_bos", "token_eos", "is_control", "tokenize", "detokenize", "close"):
+            setattr(self, name, getattr(self._vocab, name))
+
+
+@dataclass
+class Usage:
+    """What the server said about the last completion (None where it did not say)."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    finish_reason: str | None = None
+    timings: dict = field(default_factory=dict)
+
+
+class RemoteBackend:
+    """`helpers.engine.backend.Backend` over an OpenAI-compatible server: tokenizer calls go to the tokenizer,
+    `complete` is one streamed `/v1/completions` request with a token-id prompt."""
+
+    def __init__(self, endpoint: Endpoint, model_id: str, tokenizer, n_ctx: int):
+        self.endpoint, self.model_id = endpoint, model_id
+        self._tokenizer = tokenizer
+        self._n_ctx = n_ctx
+        self.metadata = tokenizer.metadata
+        self.add_bos = tokenizer.add_bos
+        self.last_usage = Usage()
+        self._lock = threading.Lock()
+        self._connection: http.client.HTTPConnection | None = None
+        self._interrupted = False
+
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def n_vocab(self) -> int:
+        return self._tokenizer.n_vocab()
+
+    def token_bos(self) -> int:
+        return self._tokenizer.token_bos()
+
+    def token_eos(self) -> int:
+        return self._tokenizer.token_eos()
+
+    def is_control(self, token: int) -> bool:
+        return self._tokenizer.is_control(token)
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        return self._tokenizer.tokenize(text, special=special)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
+        return self._tokenizer.detokenize(tokens, special=special)
+
+    def cached_tokens(self) -> list[int]:
+        return []  # the server's slots keep their own caches; it reports reuse per request
+
+    def request(self, prompt: Sequence[int], settings: GenerationSettings, seed: int) -> dict:
+        """The `/v1/completions` body: OpenAI's fields, plus llama-server's (and vLLM's) sampling extras."""
+        return {
+            "model": self.model_id,
+            "prompt": list(prompt),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": settings.max_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "top_k": settings.top_k,
+            "min_p": settings.min_p,
+            "repeat_penalty": settings.repeat_penalty,  # llama-server's name
+            "repetition_penalty": settings.repeat_penalty,  # vLLM's name (each server ignores the other)
+            "seed": seed,
+            "stop": list(settings.stop),
+            "cache_prompt": settings.cache_prompt,
+            "return_progress": True,
+            "verbose": True,
+        }
+
+    def interrupt(self) -> None:
+        """Close the stream: a blocked read returns at once, and the server stops at its next token."""
+        with self._lock:
+            self._interrupted = True
+            if self._connection is not None and self._connection.sock is not None:
+                try:
+                    self._connection.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def complete(
+        self, prompt: Sequence[int], settings: GenerationSettings, seed: int, cancel: threading.Event
+    ) -> Iterator[PromptProgress | SampledToken]:
+        prompt = list(prompt)
+        self.last_usage = usage = Usage()
+        with self._lock:
+            self._interrupted = False
+        if cancel.is_set():
+            return
+        request = self.request(prompt, settings, seed)
+        connection, response = self.endpoint.open("POST", "/v1/completions", request, wait=True)
+        with self._lock:
+            self._connection = connection
+        stopped = threading.Event()
+        try:
+            yield from self._events(response, prompt, usage, cancel, stopped)
+        except (OSError, http.client.HTTPException, ServerResponseError) as error:
+            if stopped.is_set() or cancel.is_set() or self._interrupted:
+                return  # the stream was closed on purpose: whatever the read saw then is no error
+            if isinstance(error, ServerResponseError):
+                raise
+            raise ServerResponseError(
+                f"The connection to {self.endpoint.base_url} broke in the middle of the answer "
+                f"({_reason(error)}). The server may have stopped or restarted; try again."
+            ) from None
+        finally:
+            with self._lock:
+                self._connection = None
+            connection.close()
+
+    def _events(self, response, prompt, usage: Usage, cancel: threading.Event, stopped: threading.Event):
+        """Events of one streamed completion, one `SampledToken` per generated token. A token that comes
+        without text is held until the next chunk: if the stream then ends with llama-server's "eos", it was
+        the end-of-generation token (not counted, as in the in-process path); otherwise an ordinary one."""
+        total = len(prompt)
+        decoded = 0  # tokens the server says it has generated (when it says: llama-server's __verbose)
+        held: SampledToken | None = None
+        progressed = False
+        for event in sse_events(response):
+            if cancel.is_set() or self._interrupted:
+                stopped.set()
+                return
+            if event is None:  # data: [DONE]
+                break
+            if "error" in event:
+                message = _error_message(json.dumps(event).encode())
+                raise ServerResponseError(f"The server reported an error in the middle of the answer: {message}")
+            if isinstance(event.get("usage"), dict):
+                _read_usage(usage, event)
+            if isinstance(event.get("prompt_progress"), dict):
+                p = event["prompt_progress"]
+                progressed = True
+                yield PromptProgress(int(p.get("processed", 0)), int(p.get("total", total)), int(p.get("cache", 0)))
+                continue
+            choices = event.get("choices")
+            if not isinstance(choices, list):
+                raise ServerResponseError(f"The server sent an event without choices: {json.dumps(event)[:120]}.")
+            if not choices:
+                continue  # the usage chunk
+            choice = choices[0]
+            if not isinstance(choice, dict) or not isinstance(choice.get("text") or "", str):
+                raise ServerResponseError(f"The server sent a malformed choice: {json.dumps(choice)[:120]}.")
+            if not progressed:  # a server without prompt progress: the prompt was read by the first chunk
+                progressed = True
+                yield PromptProgress(total, total, 0)
+            text = choice.get("text") or ""
+            details = event["__verbose"] if isinstance(event.get("__verbose"), dict) else {}
+            finish = choice.get("finish_reason")
+            count = details.get("tokens_predicted")
+            if finish is None and isinstance(count, int):
+                new, decoded = count - decoded, count
+            else:
+                new = 1 if text else 0  # one chunk of text, one token
+            if new and held is not None:
+                yield held
+                held = None
+            for _ in range(new - 1):  # tokens whose text came with a later one (half a UTF-8 character)
+                yield SampledToken(-1, b"", False)
+            if new:
+                ids = details.get("tokens") or [-1]
+                token = SampledToken(int(ids[-1]), text.encode("utf-8"), False)
+                if text:
+                    yield token
+                else:
+                    held = token
+            if finish is None:
+                continue
+            usage.finish_reason = finish
+            if held is not None and details.get("stop_type") == "eos":
+                yield SampledToken(held.id, b"", True)  # the end-of-generation token
+            else:
+                if held is not None:
+                    yield held
+                if finish == "stop":
+                    yield SampledToken(-1, b"", True)
+            held = None
+        if usage.finish_reason is None and not (cancel.is_set() or self._interrupted):
+            raise ServerResponseError(
+                "The server ended the stream without finishing the answer (no finish_reason): it may have "
+                "crashed or restarted. Try again."
+            )
+
+    def close(self) -> None:
+        self.interrupt()
+        self._tokenizer.close()
+
+
+def _read_usage(usage: Usage, event: dict) -> None:
+    data = event["usage"]
+    usage.prompt_tokens = data.get("prompt_tokens")
+    usage.completion_tokens = data.get("completion_tokens")
+    details = data.get("prompt_tokens_details") or {}
+    usage.cached_tokens = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(event.get("timings"), dict):
+        usage.timings = event["timings"]
+
+
+# --- the model -----------------------------------------------------------------------------------------
+
+
+class RemoteModel(Model):
+    """A model on a server, from `helpers.connect`. Everything a loaded `helpers.Model` does, except
+    `llama` (there is no `llama_cpp.Llama` in this process)."""
+
+    def __init__(self, backend: RemoteBackend, *, template: str | None, slots: int | None):
+        super().__init__(backend, template=template)
+        self.base_url, self.model_id, self.slots = backend.endpoint.base_url, backend.model_id, slots
+
+    @property
+    def last_usage(self) -> Usage:
+        """What the server reported about the last completion (its own token counts, cache use, timings)."""
+        return self.backend.last_usage
+
+    def describe(self) -> str:
+        slots = f", {self.slots} parallel slot{'s' if self.slots != 1 else ''}" if self.slots else ""
+        return f"Connected to {self.model_id} at {self.base_url}: context {self.n_ctx()} tokens per request{slots}."
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<helpers.RemoteModel {self.model_id} at {self.base_url} ({state})>"
+
+
+def connect(
+    base_url: str,
+    *,
+    api_key: str | None = None,
+    model: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    tokenizer: str | Path | None = None,
+    template: str | None = None,
+) -> RemoteModel:
+    """A model served at `base_url` (`http://127.0.0.1:8080/v1`), usable wherever a loaded model is.
+
+    `api_key`: sent as `Authorization: Bearer ...`, never printed. `model`: which served model (default: the
+    first `/v1/models` lists). `timeout`: seconds to wait for the server to connect or to send anything.
+    `tokenizer`: a local GGUF of the same model, for servers without llama-server's `/tokenize` (vLLM).
+    `template`: the chat template's name (default: Llama 2's for Llama 2 models, else the server's).
+
+    Checks the server now: that it answers, accepts the key, takes token-id prompts, and tokenizes.
+    """
+    endpoint = Endpoint.parse(base_url, api_key, timeout)
+    listed = endpoint.json("GET", "/v1/models")
+    data = listed.get("data") if isinstance(listed, dict) else None
+    if not isinstance(data, list) or not data or not all(isinstance(m, dict) and "id" in m for m in data):
+        raise ServerResponseError(
+            f"{endpoint.url('/v1/models')} did not list any model: is {base_url} an OpenAI-compatible server?"
+        )
+    ids = [m["id"] for m in data]
+    if model is None:
+        model, info = ids[0], data[0]
+    elif model in ids:
+        info = data[ids.index(model)]
+    else:
+        raise ValueError(f"The server does not serve {model!r}; it serves: {', '.join(ids)}.")
+    _check_token_prompts(endpoint, model)
+
+    meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
+    tok = LocalTokenizer(tokenizer) if tokenizer is not None else None
+    props = _props(endpoint)
+    if tok is None:
+        if props is None:
+            raise ServerResponseError(
+                f"{endpoint.root} has no /props and /tokenize (llama.cpp's llama-server has them), so the prompt "
+                "cannot be tokenized with the served model's vocabulary. Pass tokenizer= a local GGUF of the same "
+                "model (for Llama 2, any Llama 2 GGUF): connect(url, tokenizer='llama-2-7b-chat.Q4_K_M.gguf')."
+            )
+        tok = ServerTokenizer(endpoint, props, int(meta.get("n_vocab") or 0))
+    settings = (props or {}).get("default_generation_settings") or {}
+    n_ctx = int(settings.get("n_ctx") or meta.get("n_ctx") or info.get("max_model_len") or 4096)
+    backend = RemoteBackend(endpoint, model, tok, n_ctx)
+    if template is None:
+        template = _template_for(tok.metadata, model, tok.n_vocab())
+    return RemoteModel(backend, template=template, slots=(props or {}).get("total_slots"))
+
+
+_LLAMA2_NAME = re.compile(r"llama[ _-]*v?2", re.IGNORECASE)
+
+
+def _template_for(metadata: dict, model_id: str, n_vocab: int) -> str | None:
+    """Llama 2's template for a Llama 2 model (by name: llama-server reports ChatML for a GGUF without a
+    template); otherwise None, and the model picks its template from `metadata` like a loaded one."""
+    name = " ".join([model_id, metadata.get("general.name", ""), metadata.get("general.basename", "")])
+    if _LLAMA2_NAME.search(name):
+        return "llama-2"
+    if (
+        metadata.get("general.architecture") == "llama"
+        and "tokenizer.chat_template" not in metadata
+        and n_vocab == 32000
+    ):
+        return "llama-2"
+    return None
+
+
+def _props(endpoint: Endpoint) -> dict | None:
+    try:
+        props = endpoint.json("GET", "/props")
+    except ServerResponseError as error:
+        if error.status == 404 or "not answer with JSON" in str(error):
+            return None
+        raise
+    return props if isinstance(props, dict) else None
+
+
+def _check_token_prompts(endpoint: Endpoint, model: str) -> None:
+    """One token generated from a token-id prompt: a server that only takes text says no here, not mid-chat."""
+    body = {"model": model, "prompt": [1, 2], "max_tokens": 1, "temperature": 0, "stream": False, "cache_prompt": False}
+    try:
+        answer = endpoint.json("POST", "/v1/completions", body)
+    except ServerResponseError as error:
+        # Rejected as invalid input (llama-cpp-python's server: HTTP 500 "Input should be a valid string").
+        invalid = error.status in (400, 422) or re.search(r"string|prompt", str(error), re.IGNORECASE)
+        if error.status is None or error.status == 404 or not invalid:
+            raise
+        raise TokenPromptsUnsupportedError(
+            f"{endpoint.base_url} does not accept a prompt given as token ids (HTTP {error.status}: {error.detail}). The helpers never send "
+            "rendered text for a server to tokenize (a typed </s> would become a control token). Use a server that "
+            "takes token ids: llama.cpp's llama-server (`make serve`) or vLLM; llama-cpp-python's llama_cpp.server "
+            "takes text only."
+        ) from None
+    if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
+        raise TokenPromptsUnsupportedError(
+            f"{endpoint.base_url} answered a token-id prompt without choices: it does not seem to take token ids."
+        )
+
+
+__all__ = [
+    "connect",
+    "RemoteModel",
+    "RemoteBackend",
+    "ServerError",
+    "ServerUnavailableError",
+    "ServerAuthError",
+    "ServerResponseError",
+    "TokenPromptsUnsupportedError",
+]

@@ -1,0 +1,518 @@
+"""The interactive chat panel: the conversation in the centre (rendered from Markdown, newest at the bottom),
+a prompt box that sends on Enter, Generate / Stop / Regenerate / Continue / Edit / Clear / Export, the prompt
+reading progress and stats, how much of the context the last turn used, and the settings built from
+`GenerationSettings`' field metadata.
+
+Generation runs in a worker thread, so the kernel keeps handling widget events and Stop works; the
+conversation is re-rendered in batches (every `FLUSH_SECONDS`), not per token. One panel per model is live:
+building a new one stops and disables the old. Core ipywidgets only, and nothing that differs between
+ipywidgets 7.7.1 (Colab) and 8.x: Enter in a `Text` box sends the same "submit" message in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import threading
+import time
+import weakref
+from functools import cache
+
+from helpers.generation import GenerationStats, stream
+from helpers.settings import PRESETS, GenerationSettings, describe
+from helpers.ui.markdown import render_markdown
+from helpers.ui.transcript import conversation_html, export
+
+FLUSH_SECONDS = 0.1
+CUSTOM = "Custom"
+SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty")  # what a preset sets
+REOPEN_NOTE = (
+    '<div class="llama2-textgen-reopen">Chat panel: it needs the running notebook. Run the cells from the top '
+    "(Run &gt; Run All Cells) to chat here.</div>"
+)
+
+# The panel that is live for each model (one at a time): a new panel for the same model retires the old one.
+_live_panels: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def live_panel(llm):
+    """The live chat panel of a model (the last one `build_ui` made for it), or None."""
+    model = _model_of(llm)
+    return None if model is None else _live_panels.get(model)
+
+
+def _model_of(llm):
+    """The `helpers.Model` behind `llm`, or None when there is none (no model given, or not a model)."""
+    if llm is None:
+        return None
+    from helpers.engine.loading import as_model
+
+    try:
+        return as_model(llm)
+    except TypeError:
+        return None
+
+
+@cache
+def _panel_box():
+    """A VBox that shows, before itself, a line saying to run the cells: hidden by the live panel's style,
+    so it is seen only where the widget cannot be (a saved notebook opened without its kernel)."""
+    import ipywidgets as w
+    from IPython.display import display
+
+    class ChatPanelBox(w.VBox):
+        def _ipython_display_(self, **kwargs):
+            display(
+                {"text/html": REOPEN_NOTE, "text/plain": "Chat panel: run the notebook's cells to use it."}, raw=True
+            )
+            if hasattr(w.VBox, "_ipython_display_"):  # ipywidgets 7
+                super()._ipython_display_(**kwargs)
+            else:  # ipywidgets 8
+                display(self._repr_mimebundle_(), raw=True)
+
+    return ChatPanelBox
+
+
+class ChatPanel:
+    """The panel's widgets and behaviour; `build_ui` returns its `.widget` (and `.widget.panel` is this)."""
+
+    def __init__(self, llm, *, system_prompt: str = "", settings: GenerationSettings | None = None, template=None):
+        import ipywidgets as w
+
+        self.llm, self.template = llm, template
+        self.model = _model_of(llm)
+        settings = settings or GenerationSettings()
+        self._history: list[dict] = []
+        self.last_stats: GenerationStats | None = None
+        self.last_export = None
+        self.retired = False
+        self._busy = threading.Lock()  # one generation at a time on one panel
+        self._stop = threading.Event()
+        self._clearing = False  # a Clear stops the answer: its prompt is not put back in the box
+        self._applying_preset = False
+        self.thread: threading.Thread | None = None
+        n_ctx = self._n_ctx()
+
+        label = {"style": {"description_width": "120px"}, "layout": w.Layout(width="460px")}
+        self.note = w.HTML(value="")
+        self.transcript = w.HTML(value=conversation_html([]), layout=w.Layout(width="100%"))
+        self.error = w.HTML(value="")
+        self.stats = w.HTML(value="")
+        self.context_bar = w.IntProgress(
+            value=0, min=0, max=n_ctx or 1, description="Context", style={"description_width": "60px"}
+        )
+        self.context_label = w.HTML(value=self._context_text(0, n_ctx))
+        self.prompt = w.Text(
+            placeholder="Ask something... (Enter sends)", continuous_update=True, layout=w.Layout(width="100%")
+        )
+        self.prompt.on_msg(self._on_prompt_message)  # Enter: {"event": "submit"} in ipywidgets 7 and 8
+
+        self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
+        self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
+        self.regenerate_button = w.Button(description="Regenerate", icon="refresh", tooltip="a new answer")
+        self.continue_button = w.Button(description="Continue", icon="forward", tooltip="extend the last answer")
+        self.edit_button = w.Button(description="Edit", icon="pencil", tooltip="the last prompt back in the box")
+        self.clear_button = w.Button(description="Clear", icon="trash")
+        self.export_button = w.Button(description="Export", icon="download", tooltip="Markdown and JSON files")
+
+        self.system = w.Textarea(
+            value=system_prompt, description="System prompt", placeholder="optional", layout=w.Layout(width="90%")
+        )
+        self.system.style.description_width = "120px"
+        self.preset = w.Dropdown(options=[*PRESETS, CUSTOM], value=CUSTOM, description="Preset", **label)
+        self.controls = {name: self._control(w, name, getattr(settings, name), n_ctx, label) for name in _numeric()}
+        meta = describe("seed")
+        seed = "" if settings.seed is None else str(settings.seed)
+        self.seed = w.Text(value=seed, description=meta["label"], placeholder="random", tooltip=meta["help"], **label)
+        meta = describe("stop")
+        self.stop_strings = w.Text(
+            value=", ".join(settings.stop), description=meta["label"], placeholder="comma-separated", **label
+        )
+        meta = describe("cache_prompt")
+        self.cache_prompt = w.Checkbox(
+            value=settings.cache_prompt,
+            description=f"{meta['label']}: {meta['help']}",
+            style={"description_width": "initial"},
+            layout=w.Layout(width="auto"),
+        )
+        self.preset.value = self._matching_preset()
+
+        for widget, name in (
+            (self.transcript, "transcript"),
+            (self.stats, "stats"),
+            (self.error, "error"),
+            (self.note, "note"),
+        ):
+            widget.add_class(f"llama2-textgen-{name}")  # stable handles for styling and the browser test
+        self.preset.observe(self._apply_preset, names="value")
+        for name in SAMPLING:
+            self.controls[name].observe(self._mark_custom, names="value")
+        self.generate_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self._stop.set())
+        self.regenerate_button.on_click(lambda _: self.regenerate())
+        self.continue_button.on_click(lambda _: self.continue_answer())
+        self.edit_button.on_click(lambda _: self.edit())
+        self.clear_button.on_click(lambda _: self.clear())
+        self.export_button.on_click(lambda _: self.export())
+
+        sampling = w.VBox(
+            [self.system, self.preset, *self.controls.values(), self.seed, self.stop_strings, self.cache_prompt]
+        )
+        settings_box = w.Accordion(children=[sampling])
+        settings_box.set_title(0, "Settings: system prompt, length, sampling")
+        settings_box.selected_index = None
+        buttons = [
+            self.generate_button,
+            self.stop_button,
+            self.regenerate_button,
+            self.continue_button,
+            self.edit_button,
+            self.clear_button,
+            self.export_button,
+        ]
+        self.widget = _panel_box()(
+            [
+                self.note,
+                self.transcript,
+                self.error,
+                self.prompt,
+                w.HBox(buttons, layout=w.Layout(flex_flow="row wrap")),
+                self.stats,
+                w.HBox([self.context_bar, self.context_label]),
+                settings_box,
+            ]
+        )
+        self.widget.panel = self
+        self._buttons = buttons
+        self._update_buttons()
+        if self.model is not None:
+            old = _live_panels.get(self.model)
+            if old is not None:
+                old.retire()
+            _live_panels[self.model] = self
+
+    @property
+    def history(self) -> list[dict]:
+        """The finished turns, oldest first: user, assistant, user, ... (an assistant message may carry its
+        "finish" reason). Setting it shows that conversation."""
+        return self._history
+
+    @history.setter
+    def history(self, messages: list[dict]) -> None:
+        self._history = list(messages)
+        self._show()
+        if not self._busy.locked():
+            self._update_buttons()
+
+    # --- the controls, from the settings' metadata ------------------------------------------------
+
+    @staticmethod
+    def _control(w, name, value, n_ctx, label):
+        meta = describe(name)
+        low, high = meta["range"]
+        if not meta["low_inclusive"]:
+            low += meta["step"]
+        common = {"value": value, "description": meta["label"], "tooltip": meta["help"], **label}
+        if name == "max_tokens":
+            return w.BoundedIntText(min=low, max=min(high, n_ctx or high), **common)
+        if isinstance(value, int):
+            return w.IntSlider(min=low, max=high, step=meta["step"], **common)
+        return w.FloatSlider(min=low, max=high, step=meta["step"], **common)
+
+    def _matching_preset(self) -> str:
+        for name, preset in PRESETS.items():
+            if all(abs(self.controls[f].value - getattr(preset, f)) < 1e-9 for f in SAMPLING):
+                return name
+        return CUSTOM
+
+    def _apply_preset(self, change):
+        if change["new"] == CUSTOM or self._applying_preset:
+            return
+        preset = PRESETS[change["new"]]
+        self._applying_preset = True
+        try:
+            for name in SAMPLING:
+                self.controls[name].value = getattr(preset, name)
+        finally:
+            self._applying_preset = False
+
+    def _mark_custom(self, _change):
+        if not self._applying_preset:
+            self._applying_preset = True
+            try:
+                self.preset.value = self._matching_preset()
+            finally:
+                self._applying_preset = False
+
+    def settings(self) -> GenerationSettings:
+        """The settings the controls show; ValueError, naming the control, when one cannot be used."""
+        seed = self.seed.value.strip()
+        low, high = describe("seed")["range"]
+        if seed and not (seed.isdigit() and low <= int(seed) <= high):
+            raise ValueError(f"Seed must be a whole number from {low} to {high:,}, or empty for random; got {seed!r}.")
+        stops = tuple(s for s in (part.strip() for part in self.stop_strings.value.split(",")) if s)
+        values = {name: control.value for name, control in self.controls.items()}
+        try:
+            return GenerationSettings(
+                **values, seed=int(seed) if seed else None, stop=stops, cache_prompt=self.cache_prompt.value
+            )
+        except ValueError as error:  # name the control as the panel labels it
+            message = str(error)
+            for f in dataclasses.fields(GenerationSettings):
+                if message.startswith(f"{f.name} "):
+                    message = f.metadata.get("label", f.name) + message[len(f.name) :]
+            raise ValueError(message) from None
+
+    def messages(self, prompt: str | None = None) -> list[dict]:
+        """The dialog the model is given: system prompt, the finished turns, and `prompt` (default: the box)."""
+        system = [{"role": "system", "content": self.system.value}] if self.system.value.strip() else []
+        turns = [{"role": m["role"], "content": m["content"]} for m in self.history]
+        last = self.prompt.value if prompt is None else prompt
+        return system + turns + [{"role": "user", "content": last}]
+
+    # --- actions --------------------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """Send the prompt box's text as the next user message; False (and nothing happens) while a
+        generation runs, or with the reason shown when it cannot start."""
+        return self._launch("new")
+
+    def regenerate(self) -> bool:
+        """Replace the last answer by a new one (a new seed, unless the Seed control fixes it)."""
+        return self._launch("regenerate")
+
+    def continue_answer(self) -> bool:
+        """Extend the last answer where it ended (after Stop or the length limit)."""
+        return self._launch("continue")
+
+    def edit(self) -> None:
+        """Put the last user message back in the prompt box and drop that turn."""
+        if self._busy.locked() or not self.history:
+            return
+        at = len(self.history) - (2 if self.history[-1]["role"] == "assistant" else 1)
+        self.prompt.value = self.history[at]["content"]
+        self.error.value = ""
+        self.history = self.history[:at]
+
+    def clear(self) -> None:
+        self._clearing = True
+        try:
+            self._stop.set()
+            self.wait()
+        finally:
+            self._clearing = False
+        self.history = []
+        self.stats.value, self.error.value = "", ""
+        self._set_context(0)
+
+    def export(self):
+        """Write the conversation as Markdown and JSON beside the notebook (the working folder); the path is
+        shown in the panel and returned."""
+        if not self.history:
+            self._show_error(ValueError("Nothing to export yet: the conversation is empty."))
+            return None
+        metadata = {
+            "model": str(self.model.path.name) if self.model is not None and self.model.path else None,
+            "settings": _settings_record(self),
+            "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        try:
+            path = export(self.history, system_prompt=self.system.value, metadata=metadata)
+        except OSError as error:
+            self._show_error(error)
+            return None
+        self.last_export = path
+        self.stats.value = html.escape(f"Saved {path} and {path.with_suffix('.json').name}")
+        return path
+
+    def _launch(self, mode: str) -> bool:
+        if self.retired or not self._busy.acquire(blocking=False):
+            return False
+        try:
+            self.error.value = ""
+            self._check_usable()
+            settings = self.settings()
+            prefix = ""
+            if mode == "new":
+                if not self.prompt.value.strip():
+                    raise ValueError("Type a prompt first.")
+                user, kept = self.prompt.value, list(self.history)
+                self.prompt.value = ""
+            else:
+                if not self.history or self.history[-1]["role"] != "assistant":
+                    raise ValueError(f"Nothing to {mode} yet: send a prompt first.")
+                user, kept = self.history[-2]["content"], self.history[:-2]
+                if mode == "continue":
+                    prefix = self.history[-1]["content"].rstrip()
+                    if not prefix:
+                        raise ValueError("The last answer is empty: use Regenerate.")
+        except ValueError as error:
+            self._show_error(error)
+            self._busy.release()
+            return False
+        previous = self.history
+        self.history = kept
+        messages = self.messages(user)
+        self._show(pending=messages[-1:] + ([{"role": "assistant", "content": prefix}] if prefix else []))
+        self._stop.clear()
+        self._update_buttons(busy=True)
+        self.stats.value = "<i>reading the prompt...</i>"
+        self.thread = threading.Thread(
+            target=self._run, args=(messages, settings, prefix, previous, mode), daemon=True, name="chat-panel"
+        )
+        self.thread.start()
+        return True
+
+    def _run(self, messages, settings, prefix, previous, mode):
+        stats, text, shown = GenerationStats(), prefix, 0.0
+        user = messages[-1]
+        try:
+            for piece in stream(
+                self.llm,
+                messages,
+                settings,
+                stop_event=self._stop,
+                stats=stats,
+                template=self.template,
+                on_progress=self._show_progress,
+                answer_prefix=prefix,
+            ):
+                text += piece
+                now = time.perf_counter()
+                if now - shown >= FLUSH_SECONDS:
+                    self._show(pending=[user, {"role": "assistant", "content": text}])
+                    shown = now
+            self.last_stats = stats
+            self.stats.value = html.escape(stats.line())
+            if text.strip():  # the context bar counts turns that stay in the conversation
+                self._set_context(stats.prompt_tokens + stats.completion_tokens)
+                self.history = self.history + [
+                    user,
+                    {"role": "assistant", "content": text, "finish": stats.finish_reason},
+                ]
+            else:
+                self._restore(previous, user, mode)
+        except Exception as error:  # shown in the panel; the conversation stays as it was
+            self.stats.value = ""
+            self._restore(previous, user, mode)
+            self._show_error(error)
+        finally:
+            self._show()
+            self._busy.release()
+            self._update_buttons()
+
+    def _restore(self, previous, user, mode):
+        """Nothing new came: the conversation as it was, and a new prompt back in the box."""
+        self.history = previous
+        if mode == "new" and not self.prompt.value and not self._clearing:
+            self.prompt.value = user["content"]
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def retire(self) -> None:
+        """Stop this panel's generation and disable it: a newer panel for the same model replaces it."""
+        self.retired = True
+        self._stop.set()
+        self.wait(30)
+        self.note.value = (
+            "<b>This panel is no longer live:</b> a newer chat panel for the same model was built "
+            "(the cell was run again); use that one."
+        )
+        self._update_buttons()
+
+    # --- showing --------------------------------------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self.llm is None:
+            raise ValueError("No model: run the cells that download and load the model, then this one.")
+        if self.model is not None and self.model.closed:
+            raise ValueError(
+                "The model was unloaded (closed, or replaced by another load_model() call): run the load cell "
+                "again, then this panel's cell."
+            )
+
+    def _n_ctx(self) -> int | None:
+        if self.model is None or self.model.closed:
+            return None
+        return self.model.n_ctx()
+
+    def _show(self, pending: list[dict] | None = None) -> None:
+        self.transcript.value = conversation_html(self.history + (pending or []), streaming=pending is not None)
+
+    def _show_progress(self, done: int, total: int) -> None:
+        if done < total:
+            self.stats.value = f"<i>reading the prompt: {done:,} / {total:,} tokens</i>"
+        else:
+            self.stats.value = "<i>generating...</i>"
+
+    def _show_error(self, error: Exception) -> None:
+        kind = "" if type(error) is ValueError else f"<b>{type(error).__name__}:</b> "
+        self.error.value = f'<span style="color: #b00020">{kind}{html.escape(str(error))}</span>'
+
+    def _set_context(self, used: int) -> None:
+        n_ctx = self._n_ctx() or self.context_bar.max
+        self.context_bar.max = max(n_ctx, 1)
+        self.context_bar.value = min(used, self.context_bar.max)
+        self.context_label.value = self._context_text(used, n_ctx)
+
+    @staticmethod
+    def _context_text(used: int, n_ctx: int | None) -> str:
+        return f"{used:,} / {n_ctx:,} tokens of context used by the last turn" if n_ctx else ""
+
+    def _update_buttons(self, busy: bool = False) -> None:
+        answered = bool(self.history) and self.history[-1]["role"] == "assistant"
+        for button in self._buttons:
+            button.disabled = self.retired or busy
+        self.stop_button.disabled = self.retired or not busy
+        if not (self.retired or busy):
+            self.regenerate_button.disabled = not answered
+            self.continue_button.disabled = not answered or self.history[-1].get("finish") == "stop"
+            self.edit_button.disabled = not self.history
+        self.prompt.disabled = self.retired
+
+    def _on_prompt_message(self, _widget, content, _buffers):
+        if content.get("event") == "submit":
+            self.start()
+
+
+def _numeric() -> list[str]:
+    """The settings shown as number controls: those with a range, but the seed (a text box: empty = random)."""
+    return [f.name for f in dataclasses.fields(GenerationSettings) if "range" in f.metadata and f.name != "seed"]
+
+
+def _settings_record(panel: ChatPanel) -> dict | str:
+    try:
+        return dataclasses.asdict(panel.settings())
+    except ValueError as error:
+        return str(error)
+
+
+def quant_picker(name: str, value: str | None = None):
+    """A dropdown of a catalogue model's quantizations, labelled with file size, RAM and the card's note."""
+    import ipywidgets as w
+
+    from helpers.files.catalogue import default_quant, get_model, quantizations
+
+    options = []
+    for quant in quantizations(name):
+        entry = get_model(name, quant)
+        options.append((f"{quant}: {entry.size_gb:.2f} GB file, {entry.ram_gb:.2f} GB RAM - {entry.note}", quant))
+    get_model(name, value)  # an unknown quantization raises, listing the known ones
+    return w.Dropdown(
+        options=options,
+        value=value or default_quant(name),
+        description="Quantization",
+        layout=w.Layout(width="90%"),
+        style={"description_width": "initial"},
+    )
+
+
+def build_ui(llm, *, system_prompt: str = "", settings: GenerationSettings | None = None, template=None):
+    """The chat panel's widget tree (its controller is `.panel`): display it as a cell's last expression.
+    Building a panel for a model stops and disables the panel built for it before."""
+    return ChatPanel(llm, system_prompt=system_prompt, settings=settings, template=template).widget
+
+
+__all__ = ["ChatPanel", "build_ui", "live_panel", "quant_picker", "render_markdown"]

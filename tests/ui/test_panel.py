@@ -1,0 +1,509 @@
+"""The chat panel driven in plain Python (set values, click, send the browser's messages), with the real small
+model; and the Markdown rendering, checked by parsing the HTML it gives."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from helpers.generation import generate
+from helpers.settings import PRESETS, GenerationSettings
+from helpers.ui import build_ui, quant_picker
+from helpers.ui.markdown import render_markdown
+
+
+class Tree(HTMLParser):
+    """The elements of an HTML fragment as (tag, attrs, text inside), in document order; and every text."""
+
+    def __init__(self, markup):
+        super().__init__(convert_charrefs=True)
+        self.elements, self.open, self.texts = [], [], []
+        self.feed(markup)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        element = [tag, dict(attrs), ""]
+        self.elements.append(element)
+        if tag not in ("br", "hr", "img", "input"):
+            self.open.append(element)
+
+    def handle_endtag(self, tag):
+        while self.open:
+            if self.open.pop()[0] == tag:
+                break
+
+    def handle_data(self, data):
+        self.texts.append(data)
+        for element in self.open:
+            element[2] += data
+
+    def tags(self, name):
+        return [e for e in self.elements if e[0] == name]
+
+    def of_class(self, name):
+        return [e for e in self.elements if name in e[1].get("class", "").split()]
+
+
+def messages_shown(p):
+    """(role, text) of each message in the transcript, in the order shown."""
+    tree = Tree(p.transcript.value)
+    shown = []
+    for _tag, attrs, text in tree.of_class("l2t-msg"):
+        role = "user" if "l2t-user" in attrs["class"] else "assistant"
+        name = "You" if role == "user" else "Assistant"
+        shown.append((role, text.split(name, 1)[1]))
+    return shown
+
+
+def squash(text):
+    return re.sub(r"\s+", " ", text).strip()
+
+
+@pytest.fixture
+def panel(smol):
+    ui = build_ui(smol, system_prompt="You are a helpful assistant.")
+    p = ui.panel
+    p.controls["max_tokens"].value = 40
+    p.seed.value = "5"
+    p.cache_prompt.value = False  # each answer comparable token for token with a fresh generate()
+    return p
+
+
+def finish(p):
+    """Wait for the panel's generation (generously: this machine's two cores are often shared)."""
+    p.wait(900)
+    assert not p.thread.is_alive()
+
+
+def send(p, text):
+    p.prompt.value = text
+    p.generate_button.click()
+    finish(p)
+
+
+# --- generating -----------------------------------------------------------------------------------
+
+
+def test_generate_streams_the_same_answer_as_the_core(panel, smol):
+    panel.prompt.value = "Name three rivers."
+    panel.generate_button.click()
+    assert panel.generate_button.disabled and not panel.stop_button.disabled
+    assert panel.prompt.value == ""  # the question moved into the conversation at once
+    finish(panel)
+    expected = generate(
+        smol,
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "Name three rivers."},
+        ],
+        panel.settings(),
+    )
+    assert panel.history[-1]["content"] == expected.text
+    assert [role for role, _ in messages_shown(panel)] == ["user", "assistant"]
+    assert squash(messages_shown(panel)[0][1]) == "Name three rivers."
+    # the answer as rendered Markdown: its words, in order, without the markup
+    assert squash(messages_shown(panel)[1][1]).startswith(squash(re.sub(r"[*#`_]", "", expected.text))[:30])
+    assert "tokens/s" in panel.stats.value and panel.error.value == ""
+    assert not panel.generate_button.disabled and panel.stop_button.disabled
+    stats = panel.last_stats
+    assert panel.context_bar.value == stats.prompt_tokens + stats.completion_tokens
+    assert panel.context_bar.max == smol.n_ctx() == panel.controls["max_tokens"].max
+
+
+def test_the_conversation_grows_in_batches_and_in_order(panel):
+    from helpers.ui.panel import FLUSH_SECONDS
+
+    values, times = [], []
+    panel.transcript.observe(lambda change: (values.append(change["new"]), times.append(time.perf_counter())), "value")
+    panel.controls["max_tokens"].value = 120
+    send(panel, "Write a long story about a lighthouse.")
+    assert Tree(values[0]).of_class("l2t-user") and not Tree(values[0]).of_class("l2t-assistant")  # the question first
+    streamed = times[1:-1]  # between the question and the finished conversation
+    assert len(streamed) >= 3
+    assert min(b - a for a, b in zip(streamed, streamed[1:])) >= 0.8 * FLUSH_SECONDS  # at most every ~100 ms
+    lengths = [len("".join(Tree(v).texts)) for v in values[1:-1]]
+    assert lengths == sorted(lengths)
+
+
+def test_stop_mid_generation_marks_the_answer(panel):
+    panel.controls["max_tokens"].value = 400
+    panel.prompt.value = "Count from one to two hundred, in words."
+    panel.generate_button.click()
+    deadline = time.time() + 30
+    while len(messages_shown(panel)) < 2 or len(messages_shown(panel)[1][1]) < 30:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    panel.stop_button.click()
+    finish(panel)
+    assert panel.last_stats.finish_reason == "cancelled"
+    assert panel.last_stats.completion_tokens < 400
+    assert panel.history[-1]["finish"] == "cancelled"
+    assert Tree(panel.transcript.value).of_class("l2t-finish")[0][2].startswith("stopped")
+    assert not panel.generate_button.disabled and not panel.continue_button.disabled
+
+
+def test_two_turns_in_order_and_the_follow_up_uses_the_history(panel, smol):
+    send(panel, "My name is Ada. Say hello.")
+    first_answer = panel.history[-1]["content"]
+    panel.prompt.value = "What is my name?"
+    messages = panel.messages()
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[2]["content"] == first_answer
+    panel.generate_button.click()
+    finish(panel)
+    assert [m["role"] for m in panel.history] == ["user", "assistant", "user", "assistant"]
+    shown = messages_shown(panel)
+    assert [role for role, _ in shown] == ["user", "assistant", "user", "assistant"]
+    assert [squash(shown[0][1]), squash(shown[2][1])] == ["My name is Ada. Say hello.", "What is my name?"]
+    assert panel.last_stats.prompt_tokens > len(smol.tokenize(first_answer))
+
+
+def test_enter_in_the_prompt_box_sends(panel):
+    """The message the browser sends when Enter is pressed in a Text box (ipywidgets 7 and 8 alike)."""
+    panel.prompt.value = "Say hi."
+    panel.prompt._handle_msg({"content": {"data": {"method": "custom", "content": {"event": "submit"}}}, "buffers": []})
+    assert panel.thread is not None
+    finish(panel)
+    assert [m["role"] for m in panel.history] == ["user", "assistant"] and panel.history[0]["content"] == "Say hi."
+
+
+def test_stop_while_the_prompt_is_read(panel):
+    panel.prompt.value = "Summarise: " + "The tide rises and falls twice a day along the coast. " * 140
+    seen = []
+    panel.stats.observe(lambda change: seen.append(change["new"]), names="value")
+    panel.generate_button.click()
+    deadline = time.time() + 60
+    while not any(re.search(r"reading the prompt: [1-9][\d,]* / [1-9],\d{3} tokens", v) for v in seen):
+        assert time.time() < deadline
+        time.sleep(0.01)
+    panel.stop_button.click()
+    clicked = time.perf_counter()
+    finish(panel)
+    stats = panel.last_stats
+    assert stats.finish_reason == "cancelled" and stats.completion_tokens == 0
+    assert 0 < stats.prompt_read < stats.prompt_tokens  # stopped in the middle of the prompt
+    assert time.perf_counter() - clicked < 5  # reading the whole prompt takes about 7 s here
+    assert "stopped while reading the prompt" in panel.stats.value and "tokens/s" not in panel.stats.value
+    assert panel.history == [] and panel.prompt.value.startswith("Summarise")  # the question back in the box
+    assert not panel.generate_button.disabled and panel.stop_button.disabled
+
+
+def test_follow_up_reports_the_prompt_cache(panel):
+    panel.cache_prompt.value = True
+    send(panel, "My name is Ada. Say hello.")
+    send(panel, "What is my name?")
+    assert panel.last_stats.cached_tokens > 20 and "from cache" in panel.stats.value
+
+
+def test_double_click_starts_one_generation(panel):
+    panel.prompt.value = "Say something."
+    panel.generate_button.click()
+    thread = panel.thread
+    panel.generate_button.click()
+    assert panel.start() is False and panel.regenerate() is False and panel.thread is thread
+    finish(panel)
+    assert len(panel.history) == 2
+
+
+def test_error_inside_generation_keeps_the_conversation(panel):
+    send(panel, "Say hi.")
+    before = list(panel.history)
+    shown = messages_shown(panel)
+    send(panel, "word " * 5000)  # longer than the 4096-token context
+    assert "exceeds the context" in panel.error.value
+    assert panel.history == before and messages_shown(panel) == shown
+    assert panel.prompt.value.startswith("word word")
+    assert not panel.generate_button.disabled
+
+
+# --- Regenerate, Continue, Edit, Clear, Export ---------------------------------------------------------
+
+
+def test_regenerate_replaces_the_last_answer(panel, smol):
+    send(panel, "Name a colour.")
+    first, dialog = panel.history[-1]["content"], panel.messages()[:1] + panel.history[:1]
+    panel.regenerate_button.click()
+    finish(panel)
+    assert [m["role"] for m in panel.history] == ["user", "assistant"]
+    # The seed is fixed (5) and the cache off: the same answer again, as generate() gives it.
+    expected = generate(smol, dialog, panel.settings())
+    assert panel.history[-1]["content"] == expected.text == first
+    # Random seed: each regeneration has a seed of its own.
+    panel.seed.value = ""
+    seeds = []
+    for _ in range(2):
+        panel.regenerate_button.click()
+        finish(panel)
+        seeds.append(panel.last_stats.seed)
+    assert seeds[0] != seeds[1] and len(panel.history) == 2
+
+
+def test_continue_extends_a_cut_answer(panel, smol):
+    greedy = {"temperature": 0.0}
+    for name, value in greedy.items():
+        panel.controls[name].value = value
+    panel.controls["max_tokens"].value = 12
+    send(panel, "Write a short poem about the sea.")
+    cut = panel.history[-1]
+    assert cut["finish"] == "length"
+    assert "length limit" in Tree(panel.transcript.value).of_class("l2t-finish")[0][2]
+    panel.continue_button.click()
+    finish(panel)
+    longer = panel.history[-1]["content"]
+    assert len(panel.history) == 2 and longer.startswith(cut["content"].rstrip()) and len(longer) > len(cut["content"])
+    assert panel.last_stats.completion_tokens > 1
+    # Greedy decoding: 12 + 12 tokens continue as one answer of 24 would (the answer text, re-encoded, is the
+    # same tokens the model produced; batched evaluation can round differently, so compare the start).
+    dialog = panel.messages()[:1] + panel.history[:1]
+    whole = generate(smol, dialog, panel.settings().replace(max_tokens=24))
+    assert longer[: len(cut["content"]) + 8] == whole.text[: len(cut["content"]) + 8]
+
+
+def test_continue_prompt_is_the_turn_left_open(llama2_tiny_path):
+    """With the Llama 2 template the continuation's prompt is Meta's encoding of the finished turn without
+    its closing: BOS [INST] user [/INST] answer, no trailing space, no EOS."""
+    from helpers.engine.loading import load_model, unload_model
+    from helpers.templates import llama2_pair_tokens
+
+    model = load_model(llama2_tiny_path, n_ctx=256)
+    try:
+        p = build_ui(model).panel
+        p.controls["max_tokens"].value = 1
+        p.cache_prompt.value = True
+        p.history = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon"}]
+        p.continue_button.click()
+        finish(p)
+        closed = llama2_pair_tokens(model, "Tell me a story.", "Once upon")  # BOS ... answer, " ", EOS
+        prompt = model.cached_tokens()[: p.last_stats.prompt_tokens]
+        assert prompt == closed[:-2] or prompt == closed[:-1]  # the space before EOS may merge into no token
+        assert prompt[-1] == model.tokenize("Once upon")[-1]
+    finally:
+        unload_model()
+
+
+def test_edit_puts_the_last_prompt_back(panel):
+    send(panel, "Say hi.")
+    send(panel, "Say bye.")
+    panel.edit_button.click()
+    assert panel.prompt.value == "Say bye." and len(panel.history) == 2
+    assert [squash(t) for _, t in messages_shown(panel)][0] == "Say hi."
+
+
+def test_clear_and_export(panel, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert panel.export() is None and "Nothing to export" in panel.error.value and not list(tmp_path.iterdir())
+    send(panel, "Name a fruit.")
+    panel.export_button.click()
+    path = panel.last_export
+    assert path.parent == tmp_path and str(path) in panel.stats.value
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["messages"][1:] == [
+        {"role": m["role"], "content": m["content"], **({"finish": m["finish"]} if "finish" in m else {})}
+        for m in panel.history
+    ]
+    assert record["messages"][0] == {"role": "system", "content": "You are a helpful assistant."}
+    assert record["settings"]["seed"] == 5
+    markdown = path.read_text()
+    assert "Name a fruit." in markdown and panel.history[-1]["content"] in markdown
+    panel.clear_button.click()
+    assert panel.history == [] and panel.stats.value == "" and messages_shown(panel) == []
+    assert panel.regenerate_button.disabled and panel.continue_button.disabled and panel.edit_button.disabled
+
+
+def test_clear_while_reading_the_prompt_clears_the_cancelled_prompt_too(panel):
+    panel.prompt.value = "Summarise: " + "the river runs past the old mill and on to the sea. " * 60
+    panel.generate_button.click()
+    deadline = time.time() + 60
+    while "reading the prompt:" not in panel.stats.value:  # the engine's progress: the prompt is being read
+        assert time.time() < deadline
+        time.sleep(0.01)
+    panel.clear_button.click()
+    assert panel.last_stats is None or panel.last_stats.finish_reason == "cancelled"
+    assert panel.history == [] and panel.prompt.value == "" and panel.context_bar.value == 0
+
+
+# --- one live panel per model, an unusable model ---------------------------------------------------------
+
+
+def test_a_new_panel_for_the_model_retires_the_old_one(panel, smol):
+    panel.controls["max_tokens"].value = 400
+    panel.prompt.value = "Count from one to two hundred, in words."
+    panel.generate_button.click()
+    deadline = time.time() + 30
+    while len(messages_shown(panel)) < 2:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    newer = build_ui(smol).panel
+    assert not panel.thread.is_alive() and panel.last_stats.finish_reason == "cancelled"
+    assert "no longer live" in panel.note.value
+    assert all(b.disabled for b in (panel.generate_button, panel.stop_button, panel.regenerate_button))
+    assert panel.start() is False and not panel.thread.is_alive()
+    newer.controls["max_tokens"].value = 8
+    send(newer, "Hi")
+    assert len(newer.history) == 2 and newer.note.value == ""
+
+
+def test_generate_says_at_once_when_the_model_is_gone(smol_path):
+    from helpers.engine.loading import load_model, unload_model
+
+    p = build_ui(load_model(smol_path)).panel
+    unload_model()
+    p.prompt.value = "Hello"
+    p.generate_button.click()
+    assert p.thread is None and "unloaded" in p.error.value and "load cell" in p.error.value
+    assert not p.generate_button.disabled and p.prompt.value == "Hello"
+
+
+# --- the settings controls -------------------------------------------------------------------------------
+
+
+def test_controls_are_bounded_and_labelled(panel, smol):
+    max_tokens = panel.controls["max_tokens"]
+    assert (max_tokens.description, max_tokens.min, max_tokens.max) == ("Max new tokens", 1, smol.n_ctx())
+    max_tokens.value = 0
+    assert max_tokens.value == 1
+    max_tokens.value = 10**6
+    assert max_tokens.value == smol.n_ctx()
+    assert panel.controls["top_p"].min > 0  # top p = 0 is not allowed
+    assert (panel.system.description, panel.stop_strings.description) == ("System prompt", "Stop strings")
+    assert panel.stop_button.description == "Stop" and panel.stop_strings.description != "Stop"
+    panel.seed.value = "abc"
+    panel.prompt.value = "Hello"
+    panel.generate_button.click()
+    assert "Seed must be a whole number" in panel.error.value and panel.thread is None
+    assert panel.prompt.value == "Hello" and not panel.generate_button.disabled
+    panel.seed.value = "7"
+    panel.controls["max_tokens"].value = 8
+    send(panel, "Hello")
+    assert panel.error.value == "" and len(panel.history) == 2
+
+
+def test_presets_show_custom_once_a_control_differs(panel):
+    assert panel.preset.value == "Balanced"
+    panel.preset.value = "Precise"
+    assert panel.settings().temperature == PRESETS["Precise"].temperature
+    panel.controls["temperature"].value = 0.9
+    assert panel.preset.value == "Custom" and panel.settings().temperature == 0.9
+    panel.controls["temperature"].value = PRESETS["Precise"].temperature
+    assert panel.preset.value == "Precise"
+    panel.preset.value = "Creative"
+    assert panel.settings().replace(max_tokens=512, seed=None, cache_prompt=True) == PRESETS["Creative"]
+
+
+def test_settings_from_controls():
+    settings = GenerationSettings(max_tokens=7, seed=3, stop=("###",), cache_prompt=False, temperature=0.3)
+    p = build_ui(None, settings=settings).panel
+    assert p.settings() == settings and p.preset.value == "Custom"
+    p.prompt.value = "Hello"
+    p.generate_button.click()
+    assert "No model" in p.error.value
+
+
+def test_a_saved_notebook_shows_a_line_before_the_widget():
+    from IPython.core.interactiveshell import InteractiveShell
+    from IPython.utils.capture import capture_output
+
+    InteractiveShell.instance()  # display() as in a notebook's kernel
+    widget = build_ui(None)
+    with capture_output() as captured:
+        from IPython.display import display
+
+        display(widget)
+    first, second = (output.data for output in captured.outputs)
+    assert "Run the cells" in first["text/html"] and "application/vnd.jupyter.widget-view+json" not in first
+    assert second["application/vnd.jupyter.widget-view+json"]["model_id"] == widget.model_id
+    assert ".llama2-textgen-reopen {display: none}" in widget.panel.transcript.value  # hidden while live
+
+
+def test_quant_picker_labels_sizes():
+    picker = quant_picker("llama-2-7b-chat")
+    assert picker.value == "Q4_K_M"
+    assert any("4.08 GB file" in label for label, _ in picker.options)
+    with pytest.raises(ValueError, match="available"):
+        quant_picker("llama-2-7b-chat", "Q9")
+
+
+# --- Markdown, safely ------------------------------------------------------------------------------------
+
+HOSTILE = [
+    "<script>alert(1)</script>",
+    "<img src=x onerror=alert(1)>",
+    '<a href="javascript:alert(1)">click</a>',
+    "[click](javascript:alert(1))",
+    "[click](JavaScript:alert(1))",
+    "[click](  javascript:alert(1) )",
+    "[click](&#106;avascript:alert(1))",
+    "[click](vbscript:msgbox(1))",
+    "[click](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "![x](javascript:alert(1))",
+    "![x](https://example.com/track.png)",
+    '<div onmouseover="alert(1)">hover</div>',
+    "<iframe src=https://example.com></iframe>",
+    "```\n</code></pre><script>alert(1)</script>\n```",
+    '[x](https://example.com "title\\" onmouseover=\\"alert(1)")',
+    "<style>body {display: none}</style>",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_hostile_markdown_runs_nothing(text):
+    tree = Tree(render_markdown(text))
+    allowed = {"p", "a", "pre", "code", "em", "strong"}
+    assert {e[0] for e in tree.elements} <= allowed
+    for tag, attrs, _ in tree.elements:
+        assert not [name for name in attrs if name.startswith("on")]
+        href = attrs.get("href", "")
+        assert re.match(r"https?://", href) if href else True
+        assert tag != "img"
+    raw = "".join(tree.texts)
+    if "<" in text.split("```")[0] or "```" in text:  # raw HTML comes back as the text it was
+        assert "<" in raw
+
+
+def test_markdown_lists_tables_and_code():
+    text = (
+        "Intro with *emphasis* and **bold**.\n\n"
+        "- one\n- two\n- three\n\n"
+        "1. first\n2. second\n\n"
+        "| a | b |\n|---|---|\n| 1 | 2 |\n| 3 | 4 |\n\n"
+        "```python\nprint('x')  # a long line " + "x" * 200 + "\n```\n"
+    )
+    tree = Tree(render_markdown(text))
+    assert [e[2] for e in tree.elements if e[0] == "li"] == ["one", "two", "three", "first", "second"]
+    assert [e[0] for e in tree.elements if e[0] in ("ul", "ol")] == ["ul", "ol"]
+    assert [e[2] for e in tree.tags("th")] == ["a", "b"] and [e[2] for e in tree.tags("td")] == ["1", "2", "3", "4"]
+    (code,) = [e for e in tree.tags("code") if "language-python" in e[1].get("class", "")]
+    assert code[2].startswith("print('x')") and "x" * 200 in code[2]
+    assert [e[2] for e in tree.tags("em")] == ["emphasis"] and [e[2] for e in tree.tags("strong")] == ["bold"]
+
+
+def test_conversation_styles_wrap_prose_and_scroll_code():
+    from helpers.ui.transcript import STYLE
+
+    assert re.search(r"\.l2t-chat \{[^}]*overflow-wrap: break-word; word-break: normal", STYLE)
+    assert re.search(r"\.l2t-msg pre \{[^}]*overflow-x: auto; white-space: pre", STYLE)
+
+
+def test_panel_on_colab_widgets():
+    """Everything above again with ipywidgets 7.7.1 and ipykernel 6, as Colab has them."""
+    colab = Path(__file__).resolve().parents[1] / "data" / "colab-kernel"
+    assert colab.is_dir(), "run `make test`, which installs tests/data/colab-kernel"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not on_colab_widgets"],
+        env=os.environ | {"PYTHONPATH": str(colab)},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    check = "import ipywidgets; print(ipywidgets.__version__)"
+    version = subprocess.run(
+        [sys.executable, "-c", check], env=os.environ | {"PYTHONPATH": str(colab)}, capture_output=True, text=True
+    )
+    assert version.stdout.strip() == "7.7.1"
