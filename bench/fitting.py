@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import llama_cpp  # noqa: E402
 
 from helpers.context_window import fit_to_context  # noqa: E402
-from helpers.engine.loading import as_model  # noqa: E402
+from helpers.engine.model import as_model  # noqa: E402
 from helpers.templates import encode_chat  # noqa: E402
 
 VOCAB = Path(__file__).resolve().parents[1] / "tests" / "data" / "ggml-vocab-llama-spm.gguf"

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from helpers import GenerationSettings, GenerationStats, generate, stream  # noqa: E402
-from helpers.engine.loading import load_model, physical_cores, unload_model  # noqa: E402
+from helpers.engine.loading import load_model, unload_model  # noqa: E402
+from helpers.machine.cpu import physical_cores  # noqa: E402
 
 ANSWER = (
     "Here is a short overview. The tide is the regular rise and fall of the sea, caused mostly by the pull of "

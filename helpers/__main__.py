@@ -46,9 +46,10 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from helpers.engine.loading import ModelLoadError, load_model
-    from helpers.engine.remote import ServerError, connect
-    from helpers.files.download import DownloadError, resolve_model
+    from helpers.engine.loading import load_model
+    from helpers.engine.remote import connect
+    from helpers.errors import HelpersError, UsageError
+    from helpers.files.download import resolve_model
     from helpers.generation import GenerationStats, stream
 
     args = parse_args(argv)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
                 else resolve_model(args.model, args.quant, offline=args.offline)
             )
             if args.n_gpu_layers != "auto" and not args.n_gpu_layers.lstrip("-").isdigit():
-                raise ValueError(f"--n-gpu-layers must be auto or a whole number, not {args.n_gpu_layers!r}")
+                raise UsageError(f"--n-gpu-layers must be auto or a whole number, not {args.n_gpu_layers!r}")
             layers = args.n_gpu_layers if args.n_gpu_layers == "auto" else int(args.n_gpu_layers)
             llm = load_model(path, n_ctx=args.n_ctx, n_gpu_layers=layers)
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         for piece in stream(llm, messages, settings, stats=stats, template=args.template):
             print(piece, end="", flush=True)
         print()
-    except (ValueError, DownloadError, ModelLoadError, FileNotFoundError, ServerError) as error:
+    except HelpersError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Sequence
 from typing import NamedTuple
 
+from helpers.errors import ContextOverflowError
 from helpers.templates import (
     check_special_tags,
     encode_chat,
@@ -22,10 +23,6 @@ from helpers.templates import (
     merge_system,
     validate_dialog,
 )
-
-
-class ContextOverflowError(ValueError):
-    """Even the last user message alone (with the system prompt) does not fit in the context."""
 
 
 class Fitted(NamedTuple):

@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from helpers.context_window import ContextOverflowError, fit_to_context
-from helpers.engine.backend import ModelUnloadedError, PromptProgress
-from helpers.engine.loading import as_model
+from helpers.context_window import fit_to_context
+from helpers.engine.backend import PromptProgress
+from helpers.engine.model import State, as_model
+from helpers.errors import ContextOverflowError, ModelUnloadedError
 from helpers.settings import GenerationSettings
 
 
@@ -148,7 +149,6 @@ def stream(
     text.started = bool(prefix)  # a continuation keeps its leading space
     first = last = started
     stats.finish_reason = "length"
-    closings = model.closings
     completion = model.complete(prompt, settings, stats.seed)
     try:
         while (item := completion.next_event(stop_event)) is not None:
@@ -182,7 +182,7 @@ def stream(
             stats.finish_reason = "cancelled"
         if stats.completion_tokens > 1 and last > first:
             stats.tokens_per_second = (stats.completion_tokens - 1) / (last - first)
-    if model.closings != closings and model.closed:  # a failed load_model reopens it: then just "cancelled"
+    if completion.cancelled and model.settled() is State.CLOSED:  # a failed load_model keeps it: just "cancelled"
         raise ModelUnloadedError(
             "The model was unloaded while generating (closed, or replaced by another load_model() call). Use the "
             "model load_model() returned last: re-run the cells after the load cell, the chat panel's too."

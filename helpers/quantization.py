@@ -23,9 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers.engine.loading import as_model, captured_native_log, load_model, physical_cores, unload_model
+from helpers.engine.llama_backend import captured_native_log
+from helpers.engine.loading import load_model, unload_model
+from helpers.engine.model import Model, as_model
+from helpers.errors import QuantizeError, UsageError
 from helpers.files.gguf_header import read_info
 from helpers.generation import GenerationStats, stream
+from helpers.machine.cpu import physical_cores
 from helpers.settings import GenerationSettings
 
 # A fixed evaluation text (public domain: the opening of the US Declaration of Independence and of
@@ -58,16 +62,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def token_nlls(llm, tokens: list[int]) -> np.ndarray:
+def token_nlls(model: Model, tokens: list[int]) -> np.ndarray:
     """Negative log-likelihood of tokens[1:], each given the ones before it (one window; needs logits_all)."""
-
-    def evaluate(backend):
-        llama = backend.llama
-        llama.reset()
-        llama.eval(tokens)
-        return np.array(llama.scores[: len(tokens) - 1])
-
-    logprobs = _log_softmax(as_model(llm).run(evaluate))
+    logits = model.run(lambda backend: backend.prompt_logits(tokens))[:-1]
+    logprobs = _log_softmax(logits)
     return -logprobs[np.arange(len(tokens) - 1), tokens[1:]]
 
 
@@ -75,11 +73,11 @@ def perplexity(llm, text: str = EVAL_TEXT, window: int | None = None) -> float:
     """exp(mean NLL) over consecutive windows of `window` tokens (default: the context size).
     The model must be loaded with logits_all=True."""
     model = as_model(llm)
-    if not model.backend.logits_all:
-        raise ValueError("perplexity needs every position's logits: load the model with logits_all=True.")
+    if not getattr(model.backend, "logits_all", False):
+        raise UsageError("perplexity needs every position's logits: load the model with logits_all=True.")
     window = window or model.n_ctx()
-    tokens = model.llama.tokenize(text.encode("utf-8"), add_bos=True)
-    nlls = [token_nlls(llm, tokens[i : i + window]) for i in range(0, len(tokens) - 1, window)]
+    tokens = ([model.token_bos()] if model.add_bos else []) + model.tokenize(text)
+    nlls = [token_nlls(model, tokens[i : i + window]) for i in range(0, len(tokens) - 1, window)]
     nlls = [n for n in nlls if len(n)]
     return float(np.exp(np.concatenate(nlls).mean()))
 
@@ -168,7 +166,7 @@ def compare_quantizations(paths, *, text: str = EVAL_TEXT, n_ctx: int = 512, gen
     return pd.DataFrame([r.__dict__ for r in rows]).set_index("file")
 
 
-def plot(table):
+def plot_quantizations(table):
     """Size against generation speed, coloured by perplexity (matplotlib)."""
     import matplotlib.pyplot as plt
 
@@ -227,7 +225,7 @@ def quantize(source: Path, target: Path, kind: str) -> Path:
 
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}", None)
     if ftype is None:
-        raise ValueError(f"Unknown quantization {kind!r}; e.g. {', '.join(OFFLINE_TYPES)}.")
+        raise UsageError(f"Unknown quantization {kind!r}; e.g. {', '.join(OFFLINE_TYPES)}.")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = physical_cores()
@@ -238,7 +236,7 @@ def quantize(source: Path, target: Path, kind: str) -> Path:
     if failed:
         part.unlink(missing_ok=True)
         errors = " | ".join(line.strip() for line in log if "error" in line.lower())
-        raise RuntimeError(f"llama.cpp could not quantize {source.name} to {kind}. {errors}")
+        raise QuantizeError(f"llama.cpp could not quantize {source.name} to {kind}. {errors}")
     part.replace(target)
     return target
 

@@ -9,6 +9,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from helpers.errors import UsageError
+
 
 def _setting(default, label: str, bounds: tuple, step, help: str, *, low_inclusive: bool = True):
     """A field with its description: the label people read, its allowed range, the step of a slider and a
@@ -70,14 +72,14 @@ class GenerationSettings:
             try:
                 object.__setattr__(self, "stop", tuple(self.stop))
             except TypeError:  # None, a number: not a collection of strings
-                raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}.") from None
+                raise UsageError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}.") from None
         validate(self)
 
     def replace(self, **changes) -> GenerationSettings:
         return dataclasses.replace(self, **changes)
 
 
-def describe(name: str) -> dict:
+def setting_info(name: str) -> dict:
     """A setting's metadata: label, help, and for numbers range, low_inclusive and step."""
     return dict(_FIELDS[name].metadata)
 
@@ -101,14 +103,14 @@ def validate(settings: GenerationSettings) -> None:
         bracket = "[" if low_inclusive else "("
         allowed = f"{name} must be {kind} in {bracket}{low}, {high}]"
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-            raise ValueError(f"{allowed}, got {value!r}.")
+            raise UsageError(f"{allowed}, got {value!r}.")
         if not math.isfinite(value) or value > high or value < low or (value == low and not low_inclusive):
-            raise ValueError(f"{allowed}, got {value!r}.")
+            raise UsageError(f"{allowed}, got {value!r}.")
     for s in settings.stop:
         if not isinstance(s, str) or not s:
-            raise ValueError(f"stop must hold non-empty strings, got {s!r}.")
+            raise UsageError(f"stop must hold non-empty strings, got {s!r}.")
     if not isinstance(settings.cache_prompt, bool):
-        raise ValueError(f"cache_prompt must be True or False, got {settings.cache_prompt!r}.")
+        raise UsageError(f"cache_prompt must be True or False, got {settings.cache_prompt!r}.")
 
 
 PRESETS = {

@@ -29,7 +29,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import NamedTuple
 
-from helpers.engine.loading import as_model
+from helpers.engine.model import as_model
+from helpers.errors import ChatTemplateError, DialogError, SpecialTagError, UsageError
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -45,36 +46,34 @@ Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 def validate_dialog(messages: Sequence[Message]) -> list[Message]:
     """Check the shape Llama 2 chat requires: [system], user, assistant, user, ..., user."""
     if isinstance(messages, (str, bytes)):
-        raise ValueError("Pass the dialog as a list of {'role', 'content'} messages, not a string.")
+        raise DialogError("Pass the dialog as a list of {'role', 'content'} messages, not a string.")
     if not messages:
-        raise ValueError("The dialog is empty: pass a list of {'role', 'content'} messages ending with a user message.")
+        raise DialogError(
+            "The dialog is empty: pass a list of {'role', 'content'} messages ending with a user message."
+        )
     dialog = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"Message {i} must be a dict with 'role' and 'content', got {message!r}.")
+            raise DialogError(f"Message {i} must be a dict with 'role' and 'content', got {message!r}.")
         if message["role"] not in ROLES:
-            raise ValueError(f"Message {i} has unknown role {message['role']!r}; roles are: {', '.join(ROLES)}.")
+            raise DialogError(f"Message {i} has unknown role {message['role']!r}; roles are: {', '.join(ROLES)}.")
         if not isinstance(message["content"], str):
-            raise ValueError(f"Message {i} content must be a string, got {type(message['content']).__name__}.")
+            raise DialogError(f"Message {i} content must be a string, got {type(message['content']).__name__}.")
         dialog.append({"role": message["role"], "content": message["content"]})
     turns = dialog[1:] if dialog[0]["role"] == "system" else dialog
     if not turns:
-        raise ValueError("The dialog has only a system prompt: add a user message after it.")
+        raise DialogError("The dialog has only a system prompt: add a user message after it.")
     for i, message in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
             where = i + len(dialog) - len(turns)
-            raise ValueError(
+            raise DialogError(
                 f"Message {where} is from {message['role']!r} but {expected!r} was expected: after an optional "
                 "system prompt, roles must alternate user/assistant/user/... (a system prompt may only come first)."
             )
     if turns[-1]["role"] != "user":
-        raise ValueError("The last message must be from the user: the model answers the last user message.")
+        raise DialogError("The last message must be from the user: the model answers the last user message.")
     return dialog
-
-
-class SpecialTagError(ValueError):
-    """A Llama 2 message contains one of Meta's special tags, which would forge a turn or a system prompt."""
 
 
 def check_special_tags(dialog: Sequence[Message]) -> None:
@@ -159,10 +158,6 @@ def _plain(model, text: str) -> list[int]:
 
 RENDER_TIME_LIMIT_S = 5.0  # a chat renders in milliseconds; a template looping for longer is runaway
 _MAX_REPEAT = 1_000_000  # longest string or list `*` may build in a template (the sandbox caps range() at 100,000)
-
-
-class ChatTemplateError(ValueError):
-    """The chat template embedded in the model's GGUF cannot render this dialog, or not safely."""
 
 
 class _RenderTimeout(Exception):
@@ -359,7 +354,7 @@ def _token_text(model, token_id: int) -> str:
 def _render_embedded(model, dialog: Sequence[Message], contents: Sequence[str]) -> str:
     template = model.metadata.get("tokenizer.chat_template")
     if not template:
-        raise ValueError(
+        raise UsageError(
             "This model has no chat template in its GGUF metadata; pass template='llama-2' or a known name."
         )
     return render_template(
@@ -518,7 +513,7 @@ def _lookup(template: str) -> Template:
     try:
         return TEMPLATES[template]
     except KeyError:
-        raise ValueError(
+        raise UsageError(
             f"Unknown template {template!r}; known templates: {', '.join(available_templates())}."
         ) from None
 
@@ -538,7 +533,7 @@ def template_for(llm) -> str:
         return "llama-2"
     if "tokenizer.chat_template" in meta:
         return "gguf"
-    raise ValueError(
+    raise UsageError(
         "Cannot tell which chat template this model uses (no chat template in its GGUF); " + _pass_a_template()
     )
 
@@ -555,7 +550,7 @@ def render_chat(
     if template == "llama-2":
         return render_llama2(messages, allow_special_tags=allow_special_tags)
     if llm is None:
-        raise ValueError(f"Template {template!r} comes from a model: pass llm=.")
+        raise UsageError(f"Template {template!r} comes from a model: pass llm=.")
     return _lookup(template).render(as_model(llm), messages, allow_special_tags=allow_special_tags)
 
 

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from helpers.engine.loading import load_model, unload_model
-from helpers.quantization import EVAL_TEXT, compare_quantizations, files_to_compare, make_variants, perplexity, plot
+from helpers.quantization import (
+    EVAL_TEXT,
+    compare_quantizations,
+    files_to_compare,
+    make_variants,
+    perplexity,
+    plot_quantizations,
+)
 from helpers.settings import GenerationSettings
 
 
@@ -99,7 +106,7 @@ def test_comparison_table_and_plot(variants, smol_path, tmp_path, capfd):
     assert ppl[q8.name] == pytest.approx(ppl[f32.name], rel=0.03)
     assert table["bits_per_weight"][f32.name] == pytest.approx(32, rel=0.01)
     assert (table["generation_tokens_per_s"] > 0).all() and (table["prompt_tokens_per_s"] > 0).all()
-    fig = plot(table)
+    fig = plot_quantizations(table)
     assert len(fig.axes[0].collections[0].get_offsets()) == 4
 
 

@@ -13,8 +13,9 @@ from typing import NamedTuple
 
 import pytest
 
-from helpers.engine.loading import as_model
-from helpers.templates import ChatTemplateError, encode_chat, render_chat, render_template, template_for
+from helpers.engine.model import as_model
+from helpers.errors import ChatTemplateError
+from helpers.templates import encode_chat, render_chat, render_template, template_for
 from tests.test_templates import FIXED_DIALOGS
 
 TEMPLATES = Path(__file__).parent / "support" / "chat_templates"

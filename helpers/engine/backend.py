@@ -18,10 +18,6 @@ from typing import Protocol
 from helpers.settings import GenerationSettings
 
 
-class ModelUnloadedError(RuntimeError):
-    """The model was closed, or replaced by another `load_model`: its memory is freed and it cannot be used."""
-
-
 @dataclass(frozen=True)
 class PromptProgress:
     """`done` of `total` prompt tokens are in the KV cache; `cached` of them were reused from earlier."""

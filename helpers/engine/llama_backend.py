@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import re
 import sys
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import llama_cpp
 import numpy as np
 
-from helpers.engine.backend import ModelUnloadedError, PromptProgress, SampledToken
+from helpers.engine.backend import PromptProgress, SampledToken
+from helpers.errors import DecodeError, ModelUnloadedError, UsageError
 from helpers.settings import GenerationSettings
 
 _SPECIAL = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
@@ -45,8 +49,52 @@ def _flag_reader():
 _READ_FLAG = _flag_reader()
 
 
-class DecodeError(RuntimeError):
-    """llama.cpp could not evaluate a batch (no room left in the KV cache, or out of memory)."""
+# --- llama.cpp's log -------------------------------------------------------------------------------
+
+_ABORTED = re.compile(r"failed with error 1$|compute status: 1$|failed to decode, ret = 2$")
+
+
+@functools.cache
+def _errors_only_log():
+    """A llama.cpp log callback that prints errors only. llama-cpp-python's own maps ggml's log levels as they
+    were before ggml added DEBUG (WARN = 3 is taken for ERROR), so with verbose=False it still printed
+    warnings such as "decode: removing memory module entries ..." after every stop. A stop itself (an abort
+    through the abort callback: ggml status 1, llama_decode 2) is logged as three errors; those are not shown."""
+    import llama_cpp
+
+    error, continued = 4, 5  # ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
+    last = {"level": 0}
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        last["level"] = last["level"] if level == continued else level
+        message = text.decode("utf-8", errors="replace")
+        if last["level"] == error and not _ABORTED.search(message):
+            print(message, end="", file=sys.stderr)
+
+    return callback
+
+
+@contextmanager
+def captured_native_log(lines: list[str], echo: bool):
+    """Route llama.cpp's log into `lines` (and to stderr when `echo`); afterwards llama.cpp prints errors
+    only, or everything (llama-cpp-python's logger) when `echo`."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        message = text.decode("utf-8", errors="replace")
+        lines.append(message)
+        if echo:
+            print(message, end="", file=sys.stderr)
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    try:
+        yield
+    finally:
+        after = _logger.llama_log_callback if echo else _errors_only_log()
+        llama_cpp.llama_log_set(after, ctypes.c_void_p(0))
 
 
 class LlamaCppBackend:
@@ -112,6 +160,16 @@ class LlamaCppBackend:
         llama = self.llama
         return llama.input_ids[: llama.n_tokens].tolist()
 
+    def prompt_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """The logits at every position of `tokens`, evaluated afresh (for perplexity; the model must be loaded
+        with logits_all=True); afterwards the KV cache holds `tokens`, and the bookkeeping says so."""
+        llama = self.llama
+        if not self.logits_all:
+            raise UsageError("perplexity needs every position's logits: load the model with logits_all=True.")
+        llama.reset()
+        llama.eval(list(tokens))
+        return np.array(llama.scores[: len(tokens)])
+
     # --- generation (on the model's engine thread) ------------------------------------------------
 
     def interrupt(self) -> None:
@@ -122,7 +180,7 @@ class LlamaCppBackend:
     ) -> Iterator[PromptProgress | SampledToken]:
         llama = self.llama
         if self.vocab_only:
-            raise ValueError("This Llama was loaded with vocab_only=True: it can tokenize but not generate.")
+            raise UsageError("This Llama was loaded with vocab_only=True: it can tokenize but not generate.")
         prompt = list(prompt)
         cached = self._keep_prefix(llama, prompt) if settings.cache_prompt else self._truncate(llama, 0)
         self._flag[0] = b"\0"

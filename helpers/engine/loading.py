@@ -9,39 +9,17 @@ the GPU when the build can offload and they fit.
 from __future__ import annotations
 
 import atexit
-import ctypes
-import functools
 import os
-import re
-import sys
-import weakref
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from helpers.engine.backend import ModelUnloadedError  # noqa: F401  (re-exported: helpers.engine.loading.ModelUnloadedError)
 from helpers.engine.model import Model
+from helpers.errors import ModelLoadError, UsageError
 from helpers.files.gguf_check import read_checked_info
 from helpers.files.gguf_header import ModelInfo, read_info
+from helpers.machine.cpu import physical_cores
 
 MAX_DEFAULT_CTX = 4096
-
-
-class ModelLoadError(RuntimeError):
-    """llama.cpp could not load the model; the message gives the likely cause and what to try."""
-
-
-def physical_cores() -> int:
-    """Physical cores this process may run on (hyper-threads share a core's arithmetic units)."""
-    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    cores = set()
-    for cpu in cpus:
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            core = (topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()
-        except OSError:
-            return max(1, len(cpus) // 2) if len(cpus) > 2 else len(cpus)
-        cores.add(core)
-    return max(1, len(cores))
 
 
 def default_n_ctx(info: ModelInfo) -> int:
@@ -71,52 +49,6 @@ def resolve_gpu_layers(n_gpu_layers, info: ModelInfo, n_ctx: int) -> int:
     )
 
 
-_ABORTED = re.compile(r"failed with error 1$|compute status: 1$|failed to decode, ret = 2$")
-
-
-@functools.cache
-def _errors_only_log():
-    """A llama.cpp log callback that prints errors only. llama-cpp-python's own maps ggml's log levels as they
-    were before ggml added DEBUG (WARN = 3 is taken for ERROR), so with verbose=False it still printed
-    warnings such as "decode: removing memory module entries ..." after every stop. A stop itself (an abort
-    through the abort callback: ggml status 1, llama_decode 2) is logged as three errors; those are not shown."""
-    import llama_cpp
-
-    error, continued = 4, 5  # ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
-    last = {"level": 0}
-
-    @llama_cpp.llama_log_callback
-    def callback(level, text, user_data):
-        last["level"] = last["level"] if level == continued else level
-        message = text.decode("utf-8", errors="replace")
-        if last["level"] == error and not _ABORTED.search(message):
-            print(message, end="", file=sys.stderr)
-
-    return callback
-
-
-@contextmanager
-def captured_native_log(lines: list[str], echo: bool):
-    """Route llama.cpp's log into `lines` (and to stderr when `echo`); afterwards llama.cpp prints errors
-    only, or everything (llama-cpp-python's logger) when `echo`."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    @llama_cpp.llama_log_callback
-    def callback(level, text, user_data):
-        message = text.decode("utf-8", errors="replace")
-        lines.append(message)
-        if echo:
-            print(message, end="", file=sys.stderr)
-
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield
-    finally:
-        after = _logger.llama_log_callback if echo else _errors_only_log()
-        llama_cpp.llama_log_set(after, ctypes.c_void_p(0))
-
-
 def _explain_failure(path: Path, info: ModelInfo, n_gpu_layers: int, n_ctx: int, log: list[str], kwargs) -> str:
     errors = [line.strip() for line in log if "error" in line.lower() or "failed" in line.lower()]
     detail = f" llama.cpp said: {' | '.join(errors[-3:])}" if errors else ""
@@ -142,55 +74,26 @@ def _explain_failure(path: Path, info: ModelInfo, n_gpu_layers: int, n_ctx: int,
     return f"Could not load {path.name}: {cause}{detail}"
 
 
-class LoadedModels:
-    """The cache of loaded models: the one model `load_model` keeps (keyed by file and settings), and the
-    `Model` wrapping each `llama_cpp.Llama` a user passed to a helper (held weakly: it goes with the Llama)."""
+@dataclass
+class KeptModel:
+    """The one model `load_model` keeps, the key it was loaded with (file and settings) and how to load it again."""
 
-    def __init__(self):
-        self.key: tuple | None = None
-        self.model: Model | None = None
-        self.recipe: dict | None = None  # how to load the kept model again
-        self.wrappers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    model: Model | None = None
+    key: tuple | None = None
+    recipe: dict | None = None
 
 
-_cache = LoadedModels()
+# The loader's cache: re-running a load cell returns this model instead of loading the weights again.
+_kept = KeptModel()
 atexit.register(lambda: unload_model())  # freed while llama_cpp still exists, not during interpreter teardown
-
-
-def as_model(llm) -> Model:
-    """`llm` itself if it is a `Model`; for a `llama_cpp.Llama` (a vocab-only one too), the `Model` that wraps
-    it, made once per Llama and left open while the Llama lives."""
-    if isinstance(llm, Model):
-        return llm
-    import llama_cpp
-
-    if not isinstance(llm, llama_cpp.Llama):
-        raise TypeError(f"Expected a model from helpers.load_model() or a llama_cpp.Llama, got {type(llm).__name__}.")
-    model = _cache.wrappers.get(llm)
-    if model is None or model.closed:
-        from helpers.engine.llama_backend import LlamaCppBackend
-
-        model = Model(
-            LlamaCppBackend(llm, owned=False),
-            path=llm.model_path,
-            n_threads=llm.n_threads,
-            gpu_layers=llm.model_params.n_gpu_layers,
-        )
-        _cache.wrappers[llm] = model
-    return model
 
 
 def unload_model() -> None:
     """Free the kept model's memory now (stopping any generation on it first). Using it afterwards raises
     ModelUnloadedError instead of crashing inside llama.cpp."""
-    model, _cache.model, _cache.key, _cache.recipe = _cache.model, None, None, None
+    model, _kept.model, _kept.key, _kept.recipe = _kept.model, None, None, None
     if model is not None:
         model.close()
-
-
-def describe_model(llm) -> str:
-    """One line about a loaded model for the notebook."""
-    return as_model(llm).describe()
 
 
 def check_load_settings(n_gpu_layers, n_ctx, n_threads, info: ModelInfo, kwargs: dict | None = None) -> None:
@@ -202,23 +105,23 @@ def check_load_settings(n_gpu_layers, n_ctx, n_threads, info: ModelInfo, kwargs:
     known = set(inspect.signature(llama_cpp.Llama.__init__).parameters) - {"self", "kwargs", "model_path"}
     unknown = sorted(set(kwargs or {}) - known)
     if unknown:
-        raise ValueError(f"Unknown llama_cpp.Llama setting(s): {', '.join(unknown)}; see help(llama_cpp.Llama).")
+        raise UsageError(f"Unknown llama_cpp.Llama setting(s): {', '.join(unknown)}; see help(llama_cpp.Llama).")
     for name in ("n_batch", "n_ubatch"):  # llama.cpp crashes (segfault) on a negative batch size
         value = (kwargs or {}).get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            raise UsageError(f"{name} must be a positive integer, got {value!r}.")
     if n_gpu_layers != "auto" and (isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int)):
-        raise ValueError(f'n_gpu_layers must be "auto", -1 (all layers) or a number of layers, got {n_gpu_layers!r}.')
+        raise UsageError(f'n_gpu_layers must be "auto", -1 (all layers) or a number of layers, got {n_gpu_layers!r}.')
     if n_gpu_layers != "auto" and n_gpu_layers < -1:
-        raise ValueError(f"n_gpu_layers must be -1 (all layers) or more, got {n_gpu_layers}.")
+        raise UsageError(f"n_gpu_layers must be -1 (all layers) or more, got {n_gpu_layers}.")
     limit = max(info.ctx_train, MAX_DEFAULT_CTX) * 8
     if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= limit):
-        raise ValueError(
+        raise UsageError(
             f"n_ctx must be an integer from 16 to {limit} (8x the model's training context of {info.ctx_train}), "
             f"or None for the default; got {n_ctx!r}."
         )
     if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
-        raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}.")
+        raise UsageError(f"n_threads must be a positive integer or None, got {n_threads!r}.")
 
 
 def _check_path_encoding(path: Path) -> None:
@@ -228,7 +131,7 @@ def _check_path_encoding(path: Path) -> None:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
         shown = os.fsencode(path).decode("utf-8", errors="backslashreplace")
-        raise ValueError(
+        raise UsageError(
             f"The path {shown} is not valid UTF-8, and llama-cpp-python can only open UTF-8 paths: rename the file "
             "(or the folder with the non-UTF-8 name) and load it again."
         ) from None
@@ -238,7 +141,7 @@ def _load(path: Path, info: ModelInfo, *, n_gpu_layers, n_ctx, n_threads, verbos
     """(the engine for `path`, the GPU layers it got)."""
     import llama_cpp
 
-    from helpers.engine.llama_backend import LlamaCppBackend
+    from helpers.engine.llama_backend import LlamaCppBackend, captured_native_log
 
     layers = resolve_gpu_layers(n_gpu_layers, info, n_ctx)
     log: list[str] = []
@@ -269,9 +172,10 @@ def load_model(
 ) -> Model:
     """A `helpers.Model` for `path`; the same file and settings again return the already loaded model.
 
-    Loading another file or other settings first stops and frees the previous model (memory for two is
-    rarely there). If the new one then fails to load, the previous one is loaded again, so the model you
-    had keeps working.
+    Loading another file or other settings first stops the previous model's generation and frees its engine
+    (memory for two is rarely there); the previous model is closed once the new one has loaded. If the new one
+    fails to load, the previous file is loaded again into the previous model, which was never closed (its
+    state was "loading"), so the model you had keeps working.
     """
     info = read_checked_info(path)  # the file is there, a GGUF model, every header value within llama.cpp's limits
     check_load_settings(n_gpu_layers, n_ctx, n_threads, info, kwargs)
@@ -283,18 +187,30 @@ def load_model(
     # Keyed on what was asked ("auto"), not on what it resolves to: free VRAM shrinks by the loaded
     # model's own share, so resolving again on a re-run would pick fewer layers and reload for nothing.
     key = (str(path), stat.st_size, stat.st_mtime_ns, n_gpu_layers, n_ctx, n_threads, tuple(sorted(kwargs.items())))
-    if _cache.key == key and _cache.model is not None and not _cache.model.closed:
-        return _cache.model
+    if _kept.key == key and _kept.model is not None and not _kept.model.closed:
+        return _kept.model
     recipe = dict(n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose, kwargs=kwargs)
-    previous, previous_key, previous_recipe = _cache.model, _cache.key, _cache.recipe
-    unload_model()  # before measuring free VRAM for "auto"
+    previous = _kept.model
+    if previous is not None:
+        previous.release_engine()  # stop its generation and free its memory before "auto" measures free VRAM
     try:
         backend, layers = _load(path, info, **recipe)
     except BaseException:
         if previous is not None:
-            previous._reopen(_load(previous.path, read_info(previous.path), **previous_recipe)[0])
-            _cache.model, _cache.key, _cache.recipe = previous, previous_key, previous_recipe
+            _bring_back(previous)
         raise
+    if previous is not None:
+        previous.close()
     model = Model(backend, path=path, n_threads=n_threads, gpu_layers=layers, n_layers=info.n_layers)
-    _cache.model, _cache.key, _cache.recipe = model, key, recipe
+    _kept.model, _kept.key, _kept.recipe = model, key, recipe
     return model
+
+
+def _bring_back(previous: Model) -> None:
+    """After a failed load: the previous file loaded again into the same model, which was never closed; if even
+    that fails, the previous model is closed (it cannot be kept waiting) and forgotten."""
+    try:
+        previous.attach_engine(_load(previous.path, read_info(previous.path), **_kept.recipe)[0])
+    except BaseException:
+        previous.close()
+        _kept.model, _kept.key, _kept.recipe = None, None, None

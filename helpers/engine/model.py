@@ -11,15 +11,18 @@ thread; `close()` stops the running computation, waits for it and for them, then
 
 from __future__ import annotations
 
+import enum
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
-from helpers.engine.backend import Backend, ModelUnloadedError, PromptProgress, SampledToken
+from helpers.engine.backend import Backend, SampledToken
+from helpers.errors import ModelUnloadedError
 from helpers.settings import GenerationSettings
 
 ENGINE_THREAD = "llama-engine"
@@ -27,6 +30,17 @@ ENGINE_THREAD = "llama-engine"
 # flow, each one is a chance to look, and a thread waking up 20 times a second on a 2-core machine took
 # 6 % off 7B generation speed (bench/scale.py, helper / bare 0.937), since both cores compute.
 _POLL_SECONDS = 0.05
+
+
+class State(enum.Enum):
+    """A model's lifetime. READY -> CLOSING -> CLOSED is the only way to the end, and CLOSED is final. READY ->
+    LOADING -> READY is the loader's: it frees the engine to try another file and, when that fails, loads the
+    previous file again into the same model."""
+
+    LOADING = "loading"  # no engine: released for another load_model(), given a new one if that load fails
+    READY = "ready"
+    CLOSING = "closing"  # close() is stopping the generation and freeing the engine
+    CLOSED = "closed"
 
 
 class Model:
@@ -47,9 +61,8 @@ class Model:
         self.path = Path(path) if path else None
         self.n_threads, self.gpu_layers, self.n_layers = n_threads, gpu_layers, n_layers
         self._template = template
-        self._state = threading.Condition()
-        self._closed = False
-        self.closings = 0  # times closed: a generation that sees it change was stopped by a close
+        self._lock = threading.Condition()  # guards the state, the backend and the counts below
+        self._state = State.READY
         self._users = 0  # calls into the backend under way
         self._running: Completion | None = None
         self._pending: set[Completion] = set()
@@ -58,13 +71,18 @@ class Model:
     # --- lifetime -----------------------------------------------------------------------------------
 
     @property
+    def state(self) -> State:
+        return self._state
+
+    @property
     def closed(self) -> bool:
-        return self._closed
+        """Closed, or being closed: every use raises `ModelUnloadedError`."""
+        return self._state in (State.CLOSING, State.CLOSED)
 
     @contextmanager
     def _using(self):
-        with self._state:
-            if self._closed:
+        with self._lock:
+            if self._state is not State.READY:
                 raise ModelUnloadedError(
                     "This model was closed or replaced by another load_model() call, which freed its memory; "
                     "use the model load_model() returned last (re-run the cells after the load cell)."
@@ -73,31 +91,68 @@ class Model:
         try:
             yield self._backend
         finally:
-            with self._state:
+            with self._lock:
                 self._users -= 1
-                self._state.notify_all()
+                self._lock.notify_all()
 
     def close(self) -> None:
-        """Stop any generation, wait for it, and free the engine's memory. Idempotent."""
+        """Stop any generation, wait for it, and free the engine's memory. Idempotent; a closed model stays
+        closed."""
+        with self._lock:
+            if self._state in (State.CLOSING, State.CLOSED):
+                while self._state is State.CLOSING:
+                    self._lock.wait()
+                return
+            if self._state is State.LOADING:  # no engine to free: the loader gave it up
+                self._become(State.CLOSED)
+                return
+        self._stop_and_free(State.CLOSING)
+        with self._lock:
+            if self._state in (State.CLOSING, State.LOADING):
+                self._become(State.CLOSED)
+
+    def release_engine(self) -> None:
+        """For the loader: stop any generation and free the engine, keeping the model (state "loading") so
+        that `attach_engine` can give it a new one; `close()` ends it for good."""
+        if self._state is State.READY:
+            self._stop_and_free(State.LOADING)
+
+    def attach_engine(self, backend: Backend) -> None:
+        """For the loader: the engine of a model whose engine was released (a closed model is not brought
+        back: the engine is freed at once)."""
+        with self._lock:
+            if self._state is State.LOADING:
+                self._backend = backend
+                self._become(State.READY)
+                return
+        backend.close()
+
+    def settled(self) -> State:
+        """The state once no load or close is under way (what a stopped generation reports)."""
+        with self._lock:
+            while self._state in (State.LOADING, State.CLOSING):
+                self._lock.wait()
+            return self._state
+
+    def _stop_and_free(self, state: State) -> None:
         if _on_engine_thread():
             raise RuntimeError("close() cannot run on the engine thread (from inside a generation).")
-        with self._state:
-            if self._closed:
+        with self._lock:
+            if self._state is not State.READY:
                 return
-            self._closed = True
-            self.closings += 1
+            self._become(state)
             for completion in self._pending:
                 completion.cancel_event.set()
             if self._running is not None:
                 self._backend.interrupt()
             while self._users:
-                self._state.wait()
-        self._backend.close()
+                self._lock.wait()
+            backend, self._backend = self._backend, None
+        backend.close()
 
-    def _reopen(self, backend: Backend) -> None:
-        """Give a closed model a fresh engine (the loader's way back after a failed load)."""
-        with self._state:
-            self._backend, self._closed = backend, False
+    def _become(self, state: State) -> None:
+        self._state = state
+        self._lock.notify_all()
 
     def __enter__(self) -> Model:
         return self
@@ -106,7 +161,7 @@ class Model:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = self._state.value
         return f"<helpers.Model {self.path.name if self.path else type(self._backend).__name__} ({state})>"
 
     # --- the engine and its tokenizer ---------------------------------------------------------------
@@ -171,30 +226,22 @@ class Model:
     def template(self) -> str:
         """The chat template's name: Llama 2's for Llama 2 models, else the one in the GGUF."""
         if self._template is None:
-            from helpers.templates import template_for
-
-            self._template = template_for(self)
+            self._template = _story().template_for(self)
         return self._template
 
     def encode_chat(self, messages, template: str | None = None, *, allow_special_tags: bool = False) -> list[int]:
-        from helpers.templates import encode_chat
-
-        return encode_chat(self, messages, template, allow_special_tags=allow_special_tags)
+        return _story().encode_chat(self, messages, template, allow_special_tags=allow_special_tags)
 
     def render_chat(self, messages, template: str | None = None, *, allow_special_tags: bool = False) -> str:
-        from helpers.templates import render_chat
-
-        return render_chat(messages, template or self.template, llm=self, allow_special_tags=allow_special_tags)
+        return _story().render_chat(
+            messages, template or self.template, llm=self, allow_special_tags=allow_special_tags
+        )
 
     def stream(self, messages_or_prompt, settings: GenerationSettings | None = None, **kwargs) -> Iterator[str]:
-        from helpers.generation import stream
-
-        return stream(self, messages_or_prompt, settings, **kwargs)
+        return _story().stream(self, messages_or_prompt, settings, **kwargs)
 
     def generate(self, messages_or_prompt, settings: GenerationSettings | None = None, **kwargs):
-        from helpers.generation import generate
-
-        return generate(self, messages_or_prompt, settings, **kwargs)
+        return _story().generate(self, messages_or_prompt, settings, **kwargs)
 
     def describe(self) -> str:
         """One line about the model for the notebook."""
@@ -221,7 +268,7 @@ class Model:
         """Run `job()` on a new engine thread once this model's previous one has finished."""
         if _on_engine_thread():  # it would wait for itself
             raise RuntimeError("Generation cannot start on an engine thread; call it from any other thread.")
-        if self._closed:
+        if self._state is not State.READY:
             raise ModelUnloadedError("This model was closed or replaced by another load_model() call.")
         future: Future = Future()
 
@@ -240,7 +287,7 @@ class Model:
         """Start evaluating `prompt` and sampling on the engine thread; the returned `Completion` yields
         the events as they come. Used by `helpers.stream`."""
         completion = Completion(self)
-        with self._state:
+        with self._lock:
             self._pending.add(completion)
         completion.future = self._submit(lambda: self._produce(completion, list(prompt), settings, seed))
         return completion
@@ -249,23 +296,23 @@ class Model:
         out = completion.events
         try:
             with self._using() as backend:
-                with self._state:
+                with self._lock:
                     self._running = completion
                 try:
                     for event in backend.complete(prompt, settings, seed, completion.cancel_event):
                         out.put((event, time.perf_counter()))
                 finally:
-                    with self._state:
+                    with self._lock:
                         self._running = None
         except BaseException as error:  # handed to the consumer, which raises it in its own thread
             out.put((error, time.perf_counter()))
         finally:
-            with self._state:
+            with self._lock:
                 self._pending.discard(completion)
             out.put(None)
 
     def _interrupt(self, completion: Completion) -> None:
-        with self._state:
+        with self._lock:
             completion.cancel_event.set()
             if self._running is completion:
                 self._backend.interrupt()
@@ -321,8 +368,50 @@ class Completion:
         self.finished = True
 
 
+# The `Model` wrapping each `llama_cpp.Llama` a user passed to a helper, made once per Llama and held weakly (it
+# goes when the Llama goes): the one piece of module state the engine keeps.
+_wrappers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def as_model(llm) -> Model:
+    """`llm` itself if it is a `Model`; for a `llama_cpp.Llama` (a vocab-only one too), the `Model` that wraps
+    it, made once per Llama and left open while the Llama lives."""
+    if isinstance(llm, Model):
+        return llm
+    import llama_cpp
+
+    if not isinstance(llm, llama_cpp.Llama):
+        raise TypeError(f"Expected a model from helpers.load_model() or a llama_cpp.Llama, got {type(llm).__name__}.")
+    model = _wrappers.get(llm)
+    if model is None or model.closed:
+        from helpers.engine.llama_backend import LlamaCppBackend
+
+        model = Model(
+            LlamaCppBackend(llm, owned=False),
+            path=llm.model_path,
+            n_threads=llm.n_threads,
+            gpu_layers=llm.model_params.n_gpu_layers,
+        )
+        _wrappers[llm] = model
+    return model
+
+
+def describe_model(llm) -> str:
+    """One line about a loaded model for the notebook."""
+    return as_model(llm).describe()
+
+
+def _story():
+    """The public face, whose `stream`, `generate`, `encode_chat`, `render_chat` and `template_for` these methods
+    are: the story's functions sit above the engine, so the engine reaches them only through the face, when
+    they are called (as whisper's model has `decode` and `transcribe` as methods)."""
+    import helpers
+
+    return helpers
+
+
 def _on_engine_thread() -> bool:
     return threading.current_thread().name.startswith(ENGINE_THREAD)
 
 
-__all__ = ["Model", "Completion", "ModelUnloadedError", "PromptProgress", "SampledToken"]
+__all__ = ["Model", "Completion", "State", "as_model", "describe_model"]

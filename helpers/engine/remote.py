@@ -39,34 +39,17 @@ from urllib.parse import urlsplit
 
 from helpers.engine.backend import PromptProgress, SampledToken
 from helpers.engine.model import Model
+from helpers.errors import (
+    ServerAuthError,
+    ServerError,
+    ServerResponseError,
+    ServerUnavailableError,
+    TokenPromptsUnsupportedError,
+    UsageError,
+)
 from helpers.settings import GenerationSettings
 
 DEFAULT_TIMEOUT = 60.0  # seconds to connect, and to wait for any byte (prompt progress and pings come sooner)
-
-
-class ServerError(RuntimeError):
-    """The server could not be used; the message says what happened and what to do next."""
-
-    status: int | None = None  # the HTTP status, when the server answered with one
-    detail: str = ""  # the server's own message
-
-
-class ServerUnavailableError(ServerError):
-    """Nothing answers at the address (server down, wrong host or port, or it stopped answering)."""
-
-
-class ServerAuthError(ServerError):
-    """The server refused the API key (HTTP 401 or 403)."""
-
-
-class ServerResponseError(ServerError):
-    """The server answered with an error (HTTP 4xx/5xx), or with something that is not its API (a wrong
-    URL, malformed events, a stream cut before the answer ended)."""
-
-
-class TokenPromptsUnsupportedError(ServerError):
-    """The server takes text prompts only (llama-cpp-python's `llama_cpp.server`), so it would tokenize the
-    rendered chat itself and turn a typed `</s>` into a control token."""
 
 
 # --- HTTP ----------------------------------------------------------------------------------------------
@@ -84,9 +67,9 @@ class Endpoint:
     def parse(cls, base_url: str, api_key: str | None, timeout: float) -> Endpoint:
         parts = urlsplit(base_url or "")
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"base_url must be an http(s) address like http://127.0.0.1:8080/v1, got {base_url!r}.")
+            raise UsageError(f"base_url must be an http(s) address like http://127.0.0.1:8080/v1, got {base_url!r}.")
         if not (isinstance(timeout, int | float) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}.")
+            raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}.")
         return cls(base_url.rstrip("/"), api_key or None, float(timeout))
 
     @property
@@ -309,11 +292,10 @@ class LocalTokenizer:
     def __init__(self, path: str | Path):
         import llama_cpp
 
-        from helpers.engine.llama_backend import LlamaCppBackend
-        from helpers.engine.loading import captured_native_log
+        from helpers.engine.llama_backend import LlamaCppBackend, captured_native_log
 
         if not Path(path).is_file():
-            raise ValueError(f"tokenizer must be a GGUF file of the served model; {str(path)!r} does not exist.")
+            raise UsageError(f"tokenizer must be a GGUF file of the served model; {str(path)!r} does not exist.")
         with captured_native_log([], echo=False):
             llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
         self._vocab = LlamaCppBackend(llama, owned=True)
@@ -577,7 +559,7 @@ def connect(
     elif model in ids:
         info = data[ids.index(model)]
     else:
-        raise ValueError(f"The server does not serve {model!r}; it serves: {', '.join(ids)}.")
+        raise UsageError(f"The server does not serve {model!r}; it serves: {', '.join(ids)}.")
     _check_token_prompts(endpoint, model)
 
     meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}

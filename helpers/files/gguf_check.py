@@ -13,16 +13,8 @@ import math
 import os
 from pathlib import Path
 
-from helpers.files.gguf_header import (
-    DamagedModelError,
-    GGUFArray,
-    ModelInfo,
-    NotAModelError,
-    TensorInfo,
-    check_gguf,
-    model_info,
-    read_header,
-)
+from helpers.errors import DamagedModelError, NotAModelError
+from helpers.files.gguf_header import GGUFArray, ModelInfo, TensorInfo, check_gguf, model_info, read_header
 
 # llama-hparams.h: `#define LLAMA_MAX_LAYERS 512`, `#define LLAMA_MAX_EXPERTS 1024`; load_hparams asserts
 # 0 < block_count <= LLAMA_MAX_LAYERS and expert_count <= LLAMA_MAX_EXPERTS.

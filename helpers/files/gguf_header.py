@@ -10,11 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+from helpers.errors import DamagedModelError, ModelFileMissingError, NotGGUFError, UnsupportedModelError
+
 GGUF_MAGIC = b"GGUF"
-
-
-class NotGGUFError(ValueError):
-    """The file is not a GGUF model (wrong magic bytes): an old GGML .bin, an HTML error page, a partial file."""
 
 
 @dataclass(frozen=True)
@@ -41,23 +39,13 @@ class ModelInfo:
         return 8 * self.size_bytes / self.n_params if self.n_params else float("nan")
 
 
-class DamagedModelError(ValueError):
-    """The GGUF header cannot be read: the file is truncated or damaged."""
-
-
-class NotAModelError(ValueError):
-    """The GGUF holds no model to run: a vocabulary-only file (a tokenizer without weights), for instance."""
-
-
-class UnsupportedModelError(ValueError):
-    """A readable GGUF that this llama-cpp-python cannot run: another GGUF version or an unknown architecture."""
-
-
 def check_gguf(path: str | os.PathLike) -> Path:
     """The path, if it exists and starts with the GGUF magic; else a clear error."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"Model file not found: {path}. Download it with helpers.download_model(...) first.")
+        raise ModelFileMissingError(
+            f"Model file not found: {path}. Download it with helpers.download_model(...) first."
+        )
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:

@@ -1,5 +1,5 @@
 """Models split in parts on the Hub: every part downloaded with `hf_hub_download` (through
-`helpers.files.download.download_model`: its cache, resume, token and errors), then joined in order into one GGUF
+`helpers.files.hub.download_file`: its cache, resume, token and errors), then joined in order into one GGUF
 in the Hub cache, resumably.
 
 The Hub refuses files over 50 GB, so TheBloke uploaded the biggest Llama 2 70B files (Q6_K, Q8_0) as
@@ -15,7 +15,8 @@ import os
 import shutil
 from pathlib import Path
 
-from helpers.files import download
+from helpers.errors import DownloadError, UsageError
+from helpers.files import hub
 from helpers.files.catalogue import MODELS, get_model
 from helpers.files.gguf_header import check_gguf
 
@@ -23,14 +24,14 @@ CHUNK_BYTES = 64 * 1024**2
 
 
 def joined_path(cache: Path, repo_id: str, commit: str, filename: str) -> Path:
-    return download.repo_cache_dir(cache, repo_id) / "joined" / commit / filename
+    return hub.repo_cache_dir(cache, repo_id) / "joined" / commit / filename
 
 
 def _cached_commit(cache: Path, repo_id: str, revision: str | None) -> str | None:
     """The commit `revision` (default main) points to in the local cache, as hf_hub_download recorded it."""
     if revision and len(revision) == 40:
         return revision
-    ref = download.repo_cache_dir(cache, repo_id) / "refs" / (revision or "main")
+    ref = hub.repo_cache_dir(cache, repo_id) / "refs" / (revision or "main")
     return ref.read_text().strip() if ref.is_file() else None
 
 
@@ -56,7 +57,7 @@ def join_parts(parts: list[Path], target: Path) -> Path:
         out.flush()
         os.fsync(out.fileno())
     if partial.stat().st_size != total:
-        raise download.DownloadError(
+        raise DownloadError(
             f"Joining {target.name} gave {partial.stat().st_size:,} bytes instead of {total:,}: run the cell again."
         )
     os.replace(partial, target)
@@ -89,9 +90,9 @@ def download_split_model(
         repo_id = name_or_repo
     kwargs = dict(revision=revision, cache_dir=cache_dir, token=token, endpoint=endpoint)
     if not parts:
-        return download.download_model(name_or_repo, filename, quant=quant, **kwargs)
+        return hub.download_file(name_or_repo, filename, quant=quant, **kwargs)
     if filename is None:
-        raise ValueError(f"Give the name of the joined file for the parts {', '.join(parts)} (filename=...).")
+        raise UsageError(f"Give the name of the joined file for the parts {', '.join(parts)} (filename=...).")
     cache = Path(cache_dir) if cache_dir else Path(constants.HF_HUB_CACHE)
     commit = _cached_commit(cache, repo_id, revision)
     if commit and joined_path(cache, repo_id, commit, filename).is_file():
@@ -103,7 +104,7 @@ def download_split_model(
             get_hf_file_metadata(hf_hub_url(repo_id, p, revision=revision, endpoint=endpoint), token=token)
             for p in parts
         ]
-    except (HfHubHTTPError, OfflineModeIsEnabled, *download._httpx_errors("HTTPError"), OSError):
+    except (HfHubHTTPError, OfflineModeIsEnabled, *hub.httpx_errors("HTTPError"), OSError):
         metas = []  # no network, gated, missing...: download_model below says which, in its words
     if metas:
         total = sum(meta.size or 0 for meta in metas)
@@ -116,13 +117,13 @@ def download_split_model(
         )
         partial = joined_path(cache, repo_id, metas[0].commit_hash or "", filename + ".joining")
         done = partial.stat().st_size if partial.is_file() else 0
-        download.check_disk_space(cache, missing + total - done)
+        hub.check_disk_space(cache, missing + total - done)
 
-    paths = [download.download_model(repo_id, part, **kwargs) for part in parts]
+    paths = [hub.download_file(repo_id, part, **kwargs) for part in parts]
     commit = paths[0].parent.name  # .../snapshots/<commit>/<part>
     target = join_parts(paths, joined_path(cache, repo_id, commit, filename))
     check_gguf(target)
     if not keep_parts:
         for path in paths:
-            download._forget(path)  # the part: its snapshot link and the blob
+            hub.forget(path)  # the part: its snapshot link and the blob
     return target

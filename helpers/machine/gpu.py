@@ -264,7 +264,7 @@ def auto_gpu_layers(
     return max(0, min(n_layers, int(budget // per_layer)))
 
 
-def describe(gpu: GPUInfo | None, gpus: list[GPUInfo] | None = None) -> str:
+def describe_gpu(gpu: GPUInfo | None, gpus: list[GPUInfo] | None = None) -> str:
     """A short, friendly summary for the notebook's GPU cell (`gpus`: every GPU found, when several)."""
     if gpu is None:
         return (

@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from helpers.errors import UsageError
+
 DEFAULT_HOST, DEFAULT_PORT, DEFAULT_PARALLEL, DEFAULT_SLOT_CTX = "127.0.0.1", 8080, 4, 4096
 API_KEY_ENV = "LLAMA_API_KEY"  # llama-server's own environment variable for --api-key
 
@@ -42,11 +44,11 @@ def server_command(
     binary: str | Path | None = None,
 ) -> list[str]:
     """The llama-server command line (never with an API key on it: see API_KEY_ENV)."""
-    from helpers.engine.loading import physical_cores
+    from helpers.machine.cpu import physical_cores
 
     for name, value in (("port", port), ("parallel", parallel), ("slot_ctx", slot_ctx)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "port" else 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+            raise UsageError(f"{name} must be a positive integer, got {value!r}.")
     argv = [
         str(binary or server_binary()),
         "--model",

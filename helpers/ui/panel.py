@@ -18,9 +18,9 @@ import time
 import weakref
 from functools import cache
 
+from helpers.errors import UsageError
 from helpers.generation import GenerationStats, stream
-from helpers.settings import PRESETS, GenerationSettings, describe
-from helpers.ui.markdown import render_markdown
+from helpers.settings import PRESETS, GenerationSettings, setting_info
 from helpers.ui.transcript import conversation_html, export
 
 FLUSH_SECONDS = 0.1
@@ -45,7 +45,7 @@ def _model_of(llm):
     """The `helpers.Model` behind `llm`, or None when there is none (no model given, or not a model)."""
     if llm is None:
         return None
-    from helpers.engine.loading import as_model
+    from helpers.engine.model import as_model
 
     try:
         return as_model(llm)
@@ -121,14 +121,14 @@ class ChatPanel:
         self.system.style.description_width = "120px"
         self.preset = w.Dropdown(options=[*PRESETS, CUSTOM], value=CUSTOM, description="Preset", **label)
         self.controls = {name: self._control(w, name, getattr(settings, name), n_ctx, label) for name in _numeric()}
-        meta = describe("seed")
+        meta = setting_info("seed")
         seed = "" if settings.seed is None else str(settings.seed)
         self.seed = w.Text(value=seed, description=meta["label"], placeholder="random", tooltip=meta["help"], **label)
-        meta = describe("stop")
+        meta = setting_info("stop")
         self.stop_strings = w.Text(
             value=", ".join(settings.stop), description=meta["label"], placeholder="comma-separated", **label
         )
-        meta = describe("cache_prompt")
+        meta = setting_info("cache_prompt")
         self.cache_prompt = w.Checkbox(
             value=settings.cache_prompt,
             description=f"{meta['label']}: {meta['help']}",
@@ -208,7 +208,7 @@ class ChatPanel:
 
     @staticmethod
     def _control(w, name, value, n_ctx, label):
-        meta = describe(name)
+        meta = setting_info(name)
         low, high = meta["range"]
         if not meta["low_inclusive"]:
             low += meta["step"]
@@ -247,9 +247,9 @@ class ChatPanel:
     def settings(self) -> GenerationSettings:
         """The settings the controls show; ValueError, naming the control, when one cannot be used."""
         seed = self.seed.value.strip()
-        low, high = describe("seed")["range"]
+        low, high = setting_info("seed")["range"]
         if seed and not (seed.isdigit() and low <= int(seed) <= high):
-            raise ValueError(f"Seed must be a whole number from {low} to {high:,}, or empty for random; got {seed!r}.")
+            raise UsageError(f"Seed must be a whole number from {low} to {high:,}, or empty for random; got {seed!r}.")
         stops = tuple(s for s in (part.strip() for part in self.stop_strings.value.split(",")) if s)
         values = {name: control.value for name, control in self.controls.items()}
         try:
@@ -261,7 +261,7 @@ class ChatPanel:
             for f in dataclasses.fields(GenerationSettings):
                 if message.startswith(f"{f.name} "):
                     message = f.metadata.get("label", f.name) + message[len(f.name) :]
-            raise ValueError(message) from None
+            raise UsageError(message) from None
 
     def messages(self, prompt: str | None = None) -> list[dict]:
         """The dialog the model is given: system prompt, the finished turns, and `prompt` (default: the box)."""
@@ -335,17 +335,17 @@ class ChatPanel:
             prefix = ""
             if mode == "new":
                 if not self.prompt.value.strip():
-                    raise ValueError("Type a prompt first.")
+                    raise UsageError("Type a prompt first.")
                 user, kept = self.prompt.value, list(self.history)
                 self.prompt.value = ""
             else:
                 if not self.history or self.history[-1]["role"] != "assistant":
-                    raise ValueError(f"Nothing to {mode} yet: send a prompt first.")
+                    raise UsageError(f"Nothing to {mode} yet: send a prompt first.")
                 user, kept = self.history[-2]["content"], self.history[:-2]
                 if mode == "continue":
                     prefix = self.history[-1]["content"].rstrip()
                     if not prefix:
-                        raise ValueError("The last answer is empty: use Regenerate.")
+                        raise UsageError("The last answer is empty: use Regenerate.")
         except ValueError as error:
             self._show_error(error)
             self._busy.release()
@@ -426,9 +426,9 @@ class ChatPanel:
 
     def _check_usable(self) -> None:
         if self.llm is None:
-            raise ValueError("No model: run the cells that download and load the model, then this one.")
+            raise UsageError("No model: run the cells that download and load the model, then this one.")
         if self.model is not None and self.model.closed:
-            raise ValueError(
+            raise UsageError(
                 "The model was unloaded (closed, or replaced by another load_model() call): run the load cell "
                 "again, then this panel's cell."
             )
@@ -489,30 +489,10 @@ def _settings_record(panel: ChatPanel) -> dict | str:
         return str(error)
 
 
-def quant_picker(name: str, value: str | None = None):
-    """A dropdown of a catalogue model's quantizations, labelled with file size, RAM and the card's note."""
-    import ipywidgets as w
-
-    from helpers.files.catalogue import default_quant, get_model, quantizations
-
-    options = []
-    for quant in quantizations(name):
-        entry = get_model(name, quant)
-        options.append((f"{quant}: {entry.size_gb:.2f} GB file, {entry.ram_gb:.2f} GB RAM - {entry.note}", quant))
-    get_model(name, value)  # an unknown quantization raises, listing the known ones
-    return w.Dropdown(
-        options=options,
-        value=value or default_quant(name),
-        description="Quantization",
-        layout=w.Layout(width="90%"),
-        style={"description_width": "initial"},
-    )
-
-
 def build_ui(llm, *, system_prompt: str = "", settings: GenerationSettings | None = None, template=None):
     """The chat panel's widget tree (its controller is `.panel`): display it as a cell's last expression.
     Building a panel for a model stops and disables the panel built for it before."""
     return ChatPanel(llm, system_prompt=system_prompt, settings=settings, template=template).widget
 
 
-__all__ = ["ChatPanel", "build_ui", "live_panel", "quant_picker", "render_markdown"]
+__all__ = ["ChatPanel", "build_ui", "live_panel"]

@@ -5,9 +5,11 @@ import sys
 
 import pytest
 
-from helpers.engine.loading import ModelUnloadedError, load_model, physical_cores
-from helpers.files.gguf_header import DamagedModelError, NotGGUFError, read_info
+from helpers.engine.loading import load_model
+from helpers.errors import DamagedModelError, ModelUnloadedError, NotGGUFError
+from helpers.files.gguf_header import read_info
 from helpers.generation import generate
+from helpers.machine.cpu import physical_cores
 from helpers.settings import GenerationSettings
 
 

@@ -9,7 +9,9 @@ import pytest
 
 import helpers
 from helpers import GenerationSettings, GenerationStats, Model, ModelUnloadedError, generate, stream
-from helpers.engine.loading import ModelLoadError, as_model, load_model
+from helpers.engine.loading import load_model
+from helpers.engine.model import as_model
+from helpers.errors import ModelLoadError
 from helpers.templates import encode_chat, render_chat, template_for
 
 CHAT = [
@@ -189,7 +191,7 @@ def test_a_failed_load_during_a_generation_ends_it_as_cancelled(smol_path, tmp_p
 
 @pytest.mark.parametrize("cut", [4, 24, 100, 1000, 20_000])
 def test_a_file_cut_inside_its_header_is_reported_as_damaged(smol_path, tmp_path, cut):
-    from helpers.files.gguf_header import DamagedModelError
+    from helpers.errors import DamagedModelError
 
     part = tmp_path / "cut.gguf"
     part.write_bytes(smol_path.read_bytes()[:cut])
@@ -334,7 +336,8 @@ def history(pairs, system=True, words=6):
 
 @pytest.mark.parametrize("system", [True, False])
 def test_fitting_equals_dropping_pairs_one_by_one(smol_path, llama2_vocab, system):
-    from helpers.context_window import ContextOverflowError, fit_to_context
+    from helpers.context_window import fit_to_context
+    from helpers.errors import ContextOverflowError
 
     small = load_model(smol_path, n_ctx=256)  # its own template (ChatML in the GGUF)
     for model, template in ((as_model(llama2_vocab), "llama-2"), (small, "gguf")):

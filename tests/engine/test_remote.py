@@ -15,13 +15,8 @@ import time
 
 import pytest
 
-from helpers.engine.remote import (
-    ServerAuthError,
-    ServerResponseError,
-    ServerUnavailableError,
-    TokenPromptsUnsupportedError,
-    connect,
-)
+from helpers.engine.remote import connect
+from helpers.errors import ServerAuthError, ServerResponseError, ServerUnavailableError, TokenPromptsUnsupportedError
 from helpers.generation import GenerationStats, generate, stream
 from helpers.machine.serve import server_binary
 from helpers.settings import GenerationSettings

@@ -8,11 +8,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from helpers.files.catalogue import OFFLINE_MODEL, available_models, get_model
-from helpers.files.download import (
+from helpers.errors import (
     AccessDeniedError,
     ChecksumMismatchError,
-    Deadlines,
     DownloadStalledError,
     DownloadTimeoutError,
     GatedModelError,
@@ -21,9 +19,10 @@ from helpers.files.download import (
     ModelFileNotFoundError,
     NotEnoughDiskError,
     RateLimitedError,
-    download_model,
-    resolve_model,
 )
+from helpers.files.catalogue import OFFLINE_MODEL, available_models, get_model
+from helpers.files.download import download_model, resolve_model
+from helpers.files.hub import Deadlines
 from tests.support.hub_server import HubServer, HubState, Repo
 
 REPO = "TheBloke/Llama-2-7B-Chat-GGUF"
@@ -142,7 +141,7 @@ def test_no_network_uses_cache_then_offline_model(hub, tmp_path, capsys):
 
 
 def test_not_enough_disk_stops_before_downloading(hub, tmp_path, monkeypatch):
-    import helpers.files.download as download
+    import helpers.files.hub as download
 
     monkeypatch.setattr(download, "DISK_MARGIN_BYTES", 10**15)  # 1 PB of margin: never fits
     with HubServer(hub) as url, pytest.raises(NotEnoughDiskError, match="Not enough disk space"):

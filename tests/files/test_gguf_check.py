@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers.engine.loading import ModelLoadError, load_model
+from helpers.engine.loading import load_model
+from helpers.errors import DamagedModelError, ModelLoadError, NotAModelError, NotGGUFError, UnsupportedModelError
 from helpers.files.gguf_check import LLAMA_MAX_LAYERS
-from helpers.files.gguf_header import DamagedModelError, NotAModelError, NotGGUFError, UnsupportedModelError, read_info
+from helpers.files.gguf_header import read_info
 from helpers.settings import GenerationSettings
 from tests.conftest import VOCAB
 from tests.support.header_fuzz import HeaderMap, is_failure, patch, patch_length, write_base

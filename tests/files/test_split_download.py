@@ -8,10 +8,11 @@ from collections import namedtuple
 
 import pytest
 
-from helpers.files import download
-from helpers.files.catalogue import ARCHITECTURE, catalogue_gpu_layers, get_model
-from helpers.files.download import NotEnoughDiskError
+from helpers.errors import NotEnoughDiskError
+from helpers.files import download, hub
+from helpers.files.catalogue import ARCHITECTURE, get_model
 from helpers.files.split_download import download_split_model, join_parts
+from helpers.machine.advice import catalogue_gpu_layers
 from helpers.machine.gpu import MiB
 from tests.support.hub_server import HubServer, HubState, Repo
 
@@ -109,7 +110,7 @@ def test_disk_check_counts_parts_and_joined_copy(split_hub, tmp_path, smol_path,
     size = smol_path.stat().st_size
     usage = namedtuple("usage", "total used free")
     # Room for the parts (one copy) but not for the parts and the joined file together.
-    monkeypatch.setattr(download, "DISK_MARGIN_BYTES", 0)
+    monkeypatch.setattr(hub, "DISK_MARGIN_BYTES", 0)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 * size, 0, 2 * size - 1))
     with HubServer(split_hub) as url, pytest.raises(NotEnoughDiskError, match="Not enough disk space"):
         download_split_model("llama-2-70b-chat", quant="Q6_K", cache_dir=tmp_path, endpoint=url)

@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers.files.catalogue import ARCHITECTURE, GB, catalogue_gpu_layers, get_model
+from helpers.files.catalogue import ARCHITECTURE, GB, get_model
+from helpers.machine.advice import catalogue_gpu_layers
 from helpers.machine.gpu import (
     COMPUTE_BUFFER_BYTES,
     MARGIN_FRACTION,
     GiB,
     MiB,
     auto_gpu_layers,
-    describe,
+    describe_gpu,
     detect_gpu,
     detect_gpus,
 )
@@ -88,7 +89,7 @@ def test_detect_gpu_from_recorded_outputs(fake_nvidia_smi, card, name, total_mib
     assert gpu.free_bytes == recorded_rows(card)[0][3] * MiB < gpu.total_bytes
     assert gpu.backend == "cuda" and gpu.uuid.startswith("GPU-")
     assert gpu.llama_cpp_offload is this_build_offloads()  # asked in a child process, so checked against this one
-    assert ("CPU-only build" in describe(gpu)) is not this_build_offloads()
+    assert ("CPU-only build" in describe_gpu(gpu)) is not this_build_offloads()
 
 
 def test_na_fields_do_not_break_detection(fake_nvidia_smi):
@@ -97,7 +98,7 @@ def test_na_fields_do_not_break_detection(fake_nvidia_smi):
     assert gpu.name == "NVIDIA A10G" and gpu.total_bytes == 23028 * MiB
     assert gpu.free_bytes == gpu.total_bytes and not gpu.free_reported
     assert gpu.compute_capability == "" and gpu.cuda_arch == "native"
-    assert "not reported" in describe(gpu)
+    assert "not reported" in describe_gpu(gpu)
     plan = install_command(gpu, installed=False, python="py")
     assert "-DCMAKE_CUDA_ARCHITECTURES=native" in plan.env["CMAKE_ARGS"]
 
@@ -111,7 +112,7 @@ def test_several_gpus_all_reported_most_free_used(fake_nvidia_smi, monkeypatch):
     ]
     most_free = max(rows, key=lambda row: row[3])
     assert detect_gpu(check_offload=False).name == most_free[1]
-    text = describe(detect_gpu(check_offload=False), gpus)
+    text = describe_gpu(detect_gpu(check_offload=False), gpus)
     assert all(name in text for _, name, _, _ in rows)
 
     # CUDA_VISIBLE_DEVICES: by index, by UUID prefix, several, none.
@@ -145,7 +146,7 @@ def test_no_gpu(fake_nvidia_smi, monkeypatch):
     assert detect_gpu() is None and detect_gpus() == []
     monkeypatch.setenv("PATH", "/nonexistent")
     assert detect_gpu() is None
-    assert "No NVIDIA GPU" in describe(None)
+    assert "No NVIDIA GPU" in describe_gpu(None)
 
 
 # --- Apple Silicon, with the platform faked (not run on a Mac) -------------------------------------
@@ -191,7 +192,7 @@ def test_apple_silicon_reports_metal_with_unified_memory(fake_mac):
     assert gpu.backend == "metal" and "Metal" in gpu.name
     assert gpu.total_bytes == 16 * GiB * 2 // 3  # Metal's working-set limit on a Mac with <= 36 GB
     assert gpu.free_bytes == 9 * GiB  # less than the limit: what macOS can hand out now
-    assert "unified memory" in describe(replace(gpu, llama_cpp_offload=True))
+    assert "unified memory" in describe_gpu(replace(gpu, llama_cpp_offload=True))
     # The same tools on Linux are not a Metal GPU.
     assert detect_gpu(check_offload=False, system=LINUX) is None
     # A raised limit (sudo sysctl iogpu.wired_limit_mb=14336) is what Metal then allows.
