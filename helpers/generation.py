@@ -68,10 +68,11 @@ class StopStrings:
     """Text pieces in, text out: UTF-8 decoded across token boundaries, cut before the first stop string,
     and holding back any end that could still become one."""
 
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], *, continuing: bool = False):
         self.stops = stops
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending, self.started = "", False
+        self.pending = ""
+        self.started = continuing  # a continuation keeps its leading space
 
     def add(self, piece: bytes) -> tuple[str, bool]:
         """(text that is final now, whether a stop string was reached)."""
@@ -126,67 +127,83 @@ def stream(
     the start of the answer (a Continue): the prompt ends with it, left open, and the yielded text continues it.
     """
     model = as_model(llm)
-    settings = settings or GenerationSettings()
     stats = stats if stats is not None else GenerationStats()
-    started = time.perf_counter()
-    stats.finish_reason = "cancelled"
-    messages = as_messages(messages_or_prompt)
-    prefix = model.tokenize(answer_prefix) if answer_prefix else []
-    budget = settings.max_tokens + len(prefix)
-    fitted = fit_to_context(model, messages, budget, template, stop_event, allow_special_tags=allow_special_tags)
-    if fitted is None:
+    clock = _Clock(stats)  # started now: the time to the first token includes building the prompt
+    stats.finish_reason = "cancelled"  # until the engine starts
+    planned = _plan(model, messages_or_prompt, settings or GenerationSettings(), template, stop_event,
+                    allow_special_tags, answer_prefix)  # fmt: skip
+    if planned is None or (stop_event is not None and stop_event.is_set()):
         return
-    prompt, stats.dropped_turns, room = fitted[0] + prefix, fitted.dropped, fitted.max_tokens - len(prefix)
-    if room < 1:
-        raise ContextOverflowError("The answer already fills the context: start a new turn, or Clear.")
-    settings = settings if room == settings.max_tokens else settings.replace(max_tokens=room)
+    prompt, settings, stats.dropped_turns = planned
     stats.prompt_tokens = len(prompt)
     stats.seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**32 - 1)
-    if stop_event is not None and stop_event.is_set():
-        return
 
-    text = StopStrings(settings.stop)
-    text.started = bool(prefix)  # a continuation keeps its leading space
-    first = last = started
-    stats.finish_reason = "length"
+    text = StopStrings(settings.stop, continuing=bool(answer_prefix))
     completion = model.complete(prompt, settings, stats.seed)
+    stopped = False  # by the model's end-of-generation token, or by a stop string
     try:
-        while (item := completion.next_event(stop_event)) is not None:
-            event, at = item
-            if completion.cancelled:
-                break
+        for event, at in completion.events(stop_event):
             if isinstance(event, PromptProgress):
                 stats.prompt_read, stats.cached_tokens = event.done, event.cached
                 if on_progress is not None:
                     on_progress(event.done, event.total)
                 continue
             if event.end_of_generation:
-                stats.finish_reason = "stop"
+                stopped = True
                 break
-            last = at
-            stats.completion_tokens += 1
-            if stats.completion_tokens == 1:
-                first = at
-                stats.time_to_first_token_s = first - started
+            clock.token(at)
             ready, stopped = text.add(event.piece)
             if ready:
                 yield ready
             if stopped:
-                stats.finish_reason = "stop"
                 break
         if rest := text.flush():
             yield rest
     finally:
         completion.close()  # the engine is free again before anything else uses this model
-        if completion.cancelled and stats.finish_reason != "stop":
-            stats.finish_reason = "cancelled"
-        if stats.completion_tokens > 1 and last > first:
-            stats.tokens_per_second = (stats.completion_tokens - 1) / (last - first)
+        stats.finish_reason = "stop" if stopped else "cancelled" if completion.cancelled else "length"
+        clock.finish()
     if completion.cancelled and model.settled() is State.CLOSED:  # a failed load_model keeps it: just "cancelled"
         raise ModelUnloadedError(
             "The model was unloaded while generating (closed, or replaced by another load_model() call). Use the "
             "model load_model() returned last: re-run the cells after the load cell, the chat panel's too."
         )
+
+
+def _plan(model, messages_or_prompt, settings, template, stop_event, allow_special_tags, answer_prefix):
+    """(prompt token ids, settings, dropped turns): the dialog fitted to the context and ending with the answer
+    prefix, and max_tokens lowered to the room left; None if `stop_event` was set while fitting."""
+    prefix = model.tokenize(answer_prefix) if answer_prefix else []
+    messages = as_messages(messages_or_prompt)
+    budget = settings.max_tokens + len(prefix)
+    fitted = fit_to_context(model, messages, budget, template, stop_event, allow_special_tags=allow_special_tags)
+    if fitted is None:
+        return None
+    room = fitted.max_tokens - len(prefix)
+    if room < 1:
+        raise ContextOverflowError("The answer already fills the context: start a new turn, or Clear.")
+    if room != settings.max_tokens:
+        settings = settings.replace(max_tokens=room)
+    return fitted.tokens + prefix, settings, fitted.dropped
+
+
+class _Clock:
+    """Time to the first token, and tokens/s over the tokens after the first (the first waits for the prompt)."""
+
+    def __init__(self, stats: GenerationStats):
+        self.stats = stats
+        self.started = self.first = self.last = time.perf_counter()
+
+    def token(self, at: float) -> None:
+        self.stats.completion_tokens += 1
+        if self.stats.completion_tokens == 1:
+            self.first = at
+            self.stats.time_to_first_token_s = at - self.started
+        self.last = at
+
+    def finish(self) -> None:
+        if self.stats.completion_tokens > 1 and self.last > self.first:
+            self.stats.tokens_per_second = (self.stats.completion_tokens - 1) / (self.last - self.first)
 
 
 def generate(llm, messages_or_prompt, settings: GenerationSettings | None = None, **kwargs) -> Generation:

@@ -6,8 +6,7 @@ calls `Llama.generate` on the same object sees a consistent state. Prompts are e
 `n_batch` tokens (512 by default) that start at multiples of `n_batch` (positions counted from 0): a fresh
 prompt is cut exactly as `Llama.eval` cuts it, and a prompt resumed after a stop into the same batches as
 one read in one go, so both give bit-identical logits. Progress is reported after each batch. Smaller
-batches would report more often but read the prompt slower: with the Llama-2-7B-shaped Q4_0 file on this
-project's 2-core VM, 15.2-15.5 prompt tokens/s at 512, 14.8 at 256, 14.6 at 128, 13.9 at 64, 12.9 at 32.
+batches would report more often but read the prompt slower (docs/performance.md, "Batch size").
 
 Stopping inside one llama.cpp graph computation uses llama.cpp's abort callback, which ggml's CPU backend
 polls after every graph node (about 1,000 per 7B graph). The callback is libc's `strlen` applied to a

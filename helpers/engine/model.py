@@ -3,10 +3,9 @@ chat template, and a lifetime that turns every use after `close()` into `ModelUn
 
 Each computation (a generation: its prompt and every token; or a `run`) runs on an engine thread of its own,
 one at a time per model, and that thread ends with it. ggml's CPU backend keeps an OpenMP thread team per
-thread that has computed, and a team that outlives its work slows every other: with a second model's
-thread still alive after it had generated, generation elsewhere fell from 71 to 25 tokens/s (SmolLM2,
-2 cores); a thread that has ended takes its team with it (71.7 tokens/s). Tokenizer calls may come from any
-thread; `close()` stops the running computation, waits for it and for them, then frees the engine.
+thread that has computed, and a team that outlives its work slows every other (docs/performance.md,
+"Threads"); a thread that has ended takes its team with it. Tokenizer calls may come from any thread;
+`close()` stops the running computation, waits for it and for them, then frees the engine.
 """
 
 from __future__ import annotations
@@ -27,8 +26,8 @@ from helpers.settings import GenerationSettings
 
 ENGINE_THREAD = "llama-engine"
 # How often a consumer waiting for the prompt to be read looks at its stop event. Only then: once tokens
-# flow, each one is a chance to look, and a thread waking up 20 times a second on a 2-core machine took
-# 6 % off 7B generation speed (bench/scale.py, helper / bare 0.937), since both cores compute.
+# flow, each one is a chance to look, and a thread that wakes up 20 times a second while both cores compute
+# slows generation (docs/performance.md, "Polling for Stop").
 _POLL_SECONDS = 0.05
 
 
@@ -293,7 +292,7 @@ class Model:
         return completion
 
     def _produce(self, completion: Completion, prompt, settings, seed) -> None:
-        out = completion.events
+        out = completion.queue
         try:
             with self._using() as backend:
                 with self._lock:
@@ -325,7 +324,7 @@ class Completion:
 
     def __init__(self, model: Model):
         self.model = model
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (event, time) from the engine, then None
         self.cancel_event = threading.Event()
         self.future: Future | None = None
         self.finished = False
@@ -340,7 +339,7 @@ class Completion:
                 self.cancel()
             polling = stop_event is not None and not self.sampling and not self.cancel_event.is_set()
             try:
-                item = self.events.get(timeout=_POLL_SECONDS if polling else None)
+                item = self.queue.get(timeout=_POLL_SECONDS if polling else None)
             except queue.Empty:
                 continue
             if item is None:
@@ -350,6 +349,11 @@ class Completion:
                 raise item[0]
             self.sampling = self.sampling or isinstance(item[0], SampledToken)
             return item
+
+    def events(self, stop_event: threading.Event | None = None):
+        """(event, time) pairs until the engine is done or the completion is cancelled (see `next_event`)."""
+        while (item := self.next_event(stop_event)) is not None and not self.cancelled:
+            yield item
 
     def cancel(self) -> None:
         if not self.finished:
