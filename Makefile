@@ -11,7 +11,7 @@ COLAB_STAMP := $(COLAB)/.colab-ipykernel-6.17.1-ipython-7.34.0-ipywidgets-7.7.1
 LLAMA2_7B := quantized/llama2-7b-shaped.Q4_K_M.gguf
 LLAMA_SERVER := $(BIN)/llama-server
 
-.PHONY: setup demo test test-browser lint format lab bench bench-7b clean llama-server serve load-test
+.PHONY: setup demo test test-fast test-browser lint format lab bench bench-7b clean llama-server serve load-test
 
 setup: $(STAMP)
 
@@ -44,6 +44,12 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VOCAB) $(COLAB_STAMP) $(LLAMA_SERVER)
 	$(BIN)/python -m pytest
+
+# The tests that need no model, no llama-server, no notebook kernel and no browser (tests/conftest.py marks
+# them), in 4 processes: under a minute on 2 cores, with nothing to build first.
+FAST := not model and not server and not kernel and not browser and not gpu
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 4 -m "$(FAST)"
 
 # JupyterLab driven by headless Chromium (Debian's package; Playwright never downloads a browser).
 test-browser: $(STAMP)

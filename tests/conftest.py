@@ -45,8 +45,47 @@ def llama2_tiny_path(tmp_path_factory):
     return make_llama2_gguf(tmp_path_factory.mktemp("llama2") / "llama2-7b-shaped-2-layers.gguf", layers=2, seed=0)
 
 
+# The test tiers (pyproject.toml lists the markers; `make test-fast` deselects all of them). A test is marked by
+# the fixtures it uses, or by its module when every test there needs the same (they load the model directly).
+NEEDS = {
+    "model": {"smol", "llama2_vocab", "llama2_tiny_path", "panel", "variants", "tiny", "llm", "real", "tricky"},
+    "server": {"server_url", "remote"},
+    "kernel": {"kernel"},
+}
+MODULE_NEEDS = {
+    "tests/engine/test_model.py": "model",
+    "tests/engine/test_loading.py": "model",
+    "tests/test_generation.py": "model",
+    "tests/test_cli.py": "model",
+    "tests/test_quantization.py": "model",
+    "tests/test_llama2_7b_shape.py": "model",
+    "tests/ui/test_panel.py": "model",
+    "tests/test_notebook.py": "kernel",
+}
+TEST_NEEDS = {  # tests that start llama-server or load models in child processes themselves
+    "tests/engine/test_remote.py::test_api_key_sent_and_never_shown": "server",
+    "tests/engine/test_remote.py::test_parallel_slots_serve_concurrent_clients": "server",
+    "tests/files/test_gguf_check.py::test_fuzzed_headers_end_in_a_clear_error_or_a_load": "model",
+}
+
+
+def _mark_tiers(config, items):
+    root = Path(config.rootpath)
+    for item in items:
+        needs = {marker for marker, fixtures in NEEDS.items() if fixtures & set(item.fixturenames)}
+        module = Path(str(item.fspath)).relative_to(root).as_posix()
+        if module in MODULE_NEEDS:
+            needs.add(MODULE_NEEDS[module])
+        if f"{module}::{item.originalname}" in TEST_NEEDS:
+            needs.add(TEST_NEEDS[f"{module}::{item.originalname}"])
+        for marker in needs:
+            item.add_marker(getattr(pytest.mark, marker))
+
+
 def pytest_collection_modifyitems(config, items):
     from helpers.machine.gpu import detect_gpu
+
+    _mark_tiers(config, items)
 
     needs_gpu = [item for item in items if "gpu" in item.keywords]
     if not needs_gpu:
