@@ -15,7 +15,8 @@ import pytest
 
 from helpers.engine.model import as_model
 from helpers.errors import ChatTemplateError
-from helpers.templates import encode_chat, render_chat, render_template, template_for
+from helpers.template_sandbox import render_template
+from helpers.templates import encode_chat, render_chat, template_for
 from tests.test_templates import FIXED_DIALOGS
 
 TEMPLATES = Path(__file__).parent / "support" / "chat_templates"
@@ -367,9 +368,9 @@ def test_runaway_template_stopped_at_the_time_limit(template):
 
 
 def test_runaway_embedded_template_stops_encode_chat(write_copy, monkeypatch):
-    import helpers.templates
+    import helpers.template_sandbox
 
     llama = write_copy("runaway", NESTED + "{{ messages[0].content }}", CHATML)
-    monkeypatch.setattr(helpers.templates, "RENDER_TIME_LIMIT_S", 1.0)  # the default, 5 s, works the same
+    monkeypatch.setattr(helpers.template_sandbox, "RENDER_TIME_LIMIT_S", 1.0)  # the default, 5 s, works the same
     with pytest.raises(ChatTemplateError, match="still rendering after 1 s"):
         encode_chat(as_model(llama), [{"role": "user", "content": "hi"}])
