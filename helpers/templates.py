@@ -332,12 +332,17 @@ _LLAMA2_NAME = re.compile(r"llama[ _-]*v?2", re.IGNORECASE)
 
 
 def template_for(llm) -> str:
-    """The template a model needs: Llama 2's for Llama 2 models, else the one in its GGUF."""
+    """The template a model needs: Llama 2's for Llama 2 models, else the one in its GGUF.
+
+    A Llama 2 model is told by its name (the GGUF's name fields, or the id a server gives it: llama-server
+    reports a ChatML template for a Llama 2 GGUF that has none), or by a Llama vocabulary of 32,000 tokens
+    with no chat template. A server does not report the architecture, so a missing one counts as Llama."""
     model = as_model(llm)
     meta = model.metadata
-    name = " ".join(meta.get(key, "") for key in ("general.name", "general.basename", "general.finetune"))
-    is_llama2 = meta.get("general.architecture") == "llama" and (
-        _LLAMA2_NAME.search(name) or ("tokenizer.chat_template" not in meta and model.n_vocab() == 32000)
+    names = [meta.get(key, "") for key in ("general.name", "general.basename", "general.finetune")]
+    names.append(getattr(model, "model_id", None) or "")  # a served model's id (RemoteModel)
+    is_llama2 = meta.get("general.architecture", "llama") == "llama" and (
+        _LLAMA2_NAME.search(" ".join(names)) or ("tokenizer.chat_template" not in meta and model.n_vocab() == 32000)
     )
     if is_llama2:
         return "llama-2"

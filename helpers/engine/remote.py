@@ -35,10 +35,11 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from helpers.engine.backend import PromptProgress, SampledToken
+from helpers.engine.http import DEFAULT_TIMEOUT, Endpoint, error_message, reason, sse_events
 from helpers.engine.model import Model
+from helpers.engine.tokenizers import LocalTokenizer, ServerTokenizer
 from helpers.errors import (
     ServerAuthError,
     ServerError,
@@ -49,260 +50,7 @@ from helpers.errors import (
 )
 from helpers.settings import GenerationSettings
 
-DEFAULT_TIMEOUT = 60.0  # seconds to connect, and to wait for any byte (prompt progress and pings come sooner)
-
-
-# --- HTTP ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the server is: `base_url` in the OpenAI client's form (`http://127.0.0.1:8080/v1`)."""
-
-    base_url: str
-    api_key: str | None = field(default=None, repr=False)  # sent as a bearer token, never shown
-    timeout: float = DEFAULT_TIMEOUT
-
-    @classmethod
-    def parse(cls, base_url: str, api_key: str | None, timeout: float) -> Endpoint:
-        parts = urlsplit(base_url or "")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"base_url must be an http(s) address like http://127.0.0.1:8080/v1, got {base_url!r}.")
-        if not (isinstance(timeout, int | float) and timeout > 0):
-            raise UsageError(f"timeout must be a positive number of seconds, got {timeout!r}.")
-        return cls(base_url.rstrip("/"), api_key or None, float(timeout))
-
-    @property
-    def root(self) -> str:
-        """The server's own address: base_url without its trailing /v1 (llama-server's /tokenize is there)."""
-        return re.sub(r"/v1$", "", self.base_url)
-
-    def url(self, path: str) -> str:
-        """`/v1/...` paths go under base_url, others under the root."""
-        return self.base_url + path[3:] if path.startswith("/v1/") else self.root + path
-
-    def open(
-        self, method: str, path: str, body: dict | None = None, *, wait: bool = False
-    ) -> tuple[http.client.HTTPConnection, object]:
-        """Send one request; returns the connection and its response (status checked: errors raise).
-        `timeout` bounds connecting and each read; `wait=True` (completions) waits for the answer as long as the
-        server needs: with all slots busy llama-server queues a request and answers only when a slot frees
-        (8 clients on 4 slots waited over a minute here). A stop still ends it at once (it closes the socket)."""
-        url = urlsplit(self.url(path))
-        kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
-        connection = kind(url.hostname, url.port, timeout=self.timeout)
-        try:
-            connection.connect()
-        except OSError as error:
-            connection.close()
-            raise ServerUnavailableError(
-                f"No answer from {self.base_url} ({_reason(error)}). Is the server running, and is the address "
-                "right? Start one with `make serve`, or check the host and port."
-            ) from None
-        if wait:
-            connection.sock.settimeout(None)
-        headers = {"Accept": "application/json, text/event-stream"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        target = url.path + (f"?{url.query}" if url.query else "")
-        try:
-            connection.request(method, target, body=data, headers=headers)
-            response = connection.getresponse()
-        except (OSError, http.client.HTTPException) as error:
-            connection.close()
-            raise ServerUnavailableError(
-                f"{self.base_url} took the request to {path} but did not answer ({_reason(error)}, after "
-                f"{self.timeout:g} s at most per read). Is it overloaded? Try again, or connect(..., timeout=...)."
-            ) from None
-        if response.status >= 400:
-            payload = response.read()
-            connection.close()
-            raise _http_error(self, path, response.status, payload)
-        return connection, response
-
-    def json(self, method: str, path: str, body: dict | None = None) -> dict:
-        connection, response = self.open(method, path, body)
-        try:
-            payload = response.read()
-        except (OSError, http.client.HTTPException) as error:
-            raise ServerUnavailableError(f"{self.base_url} stopped answering ({_reason(error)}).") from None
-        finally:
-            connection.close()
-        try:
-            return json.loads(payload)
-        except ValueError:
-            raise ServerResponseError(
-                f"{self.url(path)} did not answer with JSON ({payload[:80]!r}): is {self.base_url} an "
-                "OpenAI-compatible server's address (ending in /v1)?"
-            ) from None
-
-
-def _reason(error: BaseException) -> str:
-    if isinstance(error, socket.timeout | TimeoutError):
-        return "timed out"
-    return str(error) or type(error).__name__
-
-
-def _error_message(payload: bytes) -> str:
-    """The message in an OpenAI-style error body ({"error": {"message": ...}}), FastAPI's ({"detail": ...}),
-    or the body itself."""
-    try:
-        body = json.loads(payload)
-    except ValueError:
-        return payload.decode("utf-8", "replace").strip()[:300]
-    if isinstance(body, dict):
-        error = body.get("error", body.get("detail", body))
-        if isinstance(error, dict):
-            return str(error.get("message", error))
-        return str(error)
-    return str(body)[:300]
-
-
-def _http_error(endpoint: Endpoint, path: str, status: int, payload: bytes) -> ServerError:
-    message = _error_message(payload)
-    error = _http_error_for(endpoint, path, status, message)
-    error.status, error.detail = status, message
-    return error
-
-
-def _http_error_for(endpoint: Endpoint, path: str, status: int, message: str) -> ServerError:
-    if status in (401, 403):
-        key = "the API key it was given" if endpoint.api_key else "requests without an API key"
-        return ServerAuthError(
-            f"{endpoint.base_url} refused {key} (HTTP {status}: {message}). Pass the server's key: "
-            "connect(url, api_key=...), or LLAMA_API_KEY for `make serve`."
-        )
-    if status == 404:
-        return ServerResponseError(
-            f"{endpoint.url(path)} does not exist (HTTP 404: {message}). base_url is the OpenAI-style address "
-            "ending in /v1, e.g. http://127.0.0.1:8080/v1."
-        )
-    if status >= 500:
-        return ServerResponseError(
-            f"The server failed (HTTP {status} from {path}: {message}). Try again, or see its log."
-        )
-    return ServerResponseError(f"The server rejected the request to {path} (HTTP {status}: {message}).")
-
-
-# --- server-sent events --------------------------------------------------------------------------------
-
-
-def sse_events(response) -> Iterator[dict | None]:
-    """The JSON objects of an event stream (`data: {...}` lines, events ended by a blank line); None for
-    `data: [DONE]`. Comments (`:` pings) are skipped. Raises ServerResponseError on a line that is not JSON."""
-    data: list[str] = []
-    while True:
-        raw = response.readline()
-        if not raw:
-            if data:
-                raise ServerResponseError("The event stream ended in the middle of an event.")
-            return
-        line = raw.decode("utf-8", "replace").rstrip("\r\n")
-        if line.startswith(":"):
-            continue
-        if line:
-            name, _, value = line.partition(":")
-            if name == "data":
-                data.append(value[1:] if value.startswith(" ") else value)
-            continue
-        if not data:
-            continue
-        text, data = "\n".join(data), []
-        if text.strip() == "[DONE]":
-            yield None
-            continue
-        try:
-            event = json.loads(text)
-        except ValueError:
-            raise ServerResponseError(f"The server sent an event that is not JSON: {text[:120]!r}.") from None
-        if not isinstance(event, dict):
-            raise ServerResponseError(f"The server sent an event that is not a JSON object: {text[:120]!r}.")
-        yield event
-
-
 # --- the backend ---------------------------------------------------------------------------------------
-
-
-class ServerTokenizer:
-    """Tokenizing with llama-server's `/tokenize` and `/detokenize` (the vocabulary that generates)."""
-
-    def __init__(self, endpoint: Endpoint, props: dict, n_vocab: int):
-        self._endpoint = endpoint
-        self._n_vocab = n_vocab
-        self._control: dict[int, bool] = {}
-        name = Path(props.get("model_path") or "").name
-        self.metadata = {"general.name": props.get("model_alias") or name, "general.basename": name}
-        if props.get("chat_template"):
-            self.metadata["tokenizer.chat_template"] = props["chat_template"]
-        self._bos = self._single(props.get("bos_token"), "bos_token")
-        self._eos = self._single(props.get("eos_token"), "eos_token")
-        plain = self._tokens("a", add_special=False)
-        self.add_bos = self._tokens("a", add_special=True)[: -len(plain) or None] == [self._bos]
-
-    def _tokens(self, text: str, *, add_special: bool = False, special: bool = False) -> list[int]:
-        body = {"content": text, "add_special": add_special, "parse_special": special}
-        tokens = self._endpoint.json("POST", "/tokenize", body).get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-            raise ServerResponseError(f"/tokenize answered {tokens!r} instead of a list of token ids.")
-        return tokens
-
-    def _single(self, spelling: str | None, what: str) -> int:
-        tokens = self._tokens(spelling, special=True) if spelling else []
-        if len(tokens) != 1:
-            raise ServerResponseError(f"The server's {what} ({spelling!r}) is not one token: cannot build prompts.")
-        return tokens[0]
-
-    def n_vocab(self) -> int:
-        return self._n_vocab
-
-    def token_bos(self) -> int:
-        return self._bos
-
-    def token_eos(self) -> int:
-        return self._eos
-
-    def is_control(self, token: int) -> bool:
-        """Whether `token` is a control token: its spelling is that token only when control tokens are parsed
-        (`/tokenize` does not report token attributes, so this is how it can tell)."""
-        if token not in self._control:
-            spelling = self.detokenize([token], special=True).decode("utf-8", "replace")
-            parsed = self._tokens(spelling, special=True)
-            self._control[token] = parsed == [token] and self._tokens(spelling, special=False) != parsed
-        return self._control[token]
-
-    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
-        return self._tokens(text, special=special)
-
-    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
-        # llama-server renders control tokens as their spelling (common_token_to_piece, special=true).
-        content = self._endpoint.json("POST", "/detokenize", {"tokens": list(tokens)}).get("content", "")
-        return content.encode("utf-8")
-
-    def close(self) -> None:
-        pass
-
-
-class LocalTokenizer:
-    """Tokenizing with a local GGUF of the same model (its vocabulary only: `vocab_only=True`)."""
-
-    def __init__(self, path: str | Path):
-        import llama_cpp
-
-        from helpers.engine.llama_backend import LlamaCppBackend, captured_native_log
-
-        if not Path(path).is_file():
-            raise UsageError(f"tokenizer must be a GGUF file of the served model; {str(path)!r} does not exist.")
-        with captured_native_log([], echo=False):
-            llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-        self._vocab = LlamaCppBackend(llama, owned=True)
-        self.metadata = dict(self._vocab.metadata)
-        self.add_bos = self._vocab.add_bos
-        for name in ("n_vocab", "token_bos", "token_eos", "is_control", "tokenize", "detokenize", "close"):
-            setattr(self, name, getattr(self._vocab, name))
 
 
 @dataclass
@@ -409,7 +157,7 @@ class RemoteBackend:
                 raise
             raise ServerResponseError(
                 f"The connection to {self.endpoint.base_url} broke in the middle of the answer "
-                f"({_reason(error)}). The server may have stopped or restarted; try again."
+                f"({reason(error)}). The server may have stopped or restarted; try again."
             ) from None
         finally:
             with self._lock:
@@ -431,7 +179,7 @@ class RemoteBackend:
             if event is None:  # data: [DONE]
                 break
             if "error" in event:
-                message = _error_message(json.dumps(event).encode())
+                message = error_message(json.dumps(event).encode())
                 raise ServerResponseError(f"The server reported an error in the middle of the answer: {message}")
             if isinstance(event.get("usage"), dict):
                 _read_usage(usage, event)
@@ -576,27 +324,7 @@ def connect(
     settings = (props or {}).get("default_generation_settings") or {}
     n_ctx = int(settings.get("n_ctx") or meta.get("n_ctx") or info.get("max_model_len") or 4096)
     backend = RemoteBackend(endpoint, model, tok, n_ctx)
-    if template is None:
-        template = _template_for(tok.metadata, model, tok.n_vocab())
     return RemoteModel(backend, template=template, slots=(props or {}).get("total_slots"))
-
-
-_LLAMA2_NAME = re.compile(r"llama[ _-]*v?2", re.IGNORECASE)
-
-
-def _template_for(metadata: dict, model_id: str, n_vocab: int) -> str | None:
-    """Llama 2's template for a Llama 2 model (by name: llama-server reports ChatML for a GGUF without a
-    template); otherwise None, and the model picks its template from `metadata` like a loaded one."""
-    name = " ".join([model_id, metadata.get("general.name", ""), metadata.get("general.basename", "")])
-    if _LLAMA2_NAME.search(name):
-        return "llama-2"
-    if (
-        metadata.get("general.architecture") == "llama"
-        and "tokenizer.chat_template" not in metadata
-        and n_vocab == 32000
-    ):
-        return "llama-2"
-    return None
 
 
 def _props(endpoint: Endpoint) -> dict | None:

@@ -1,0 +1,88 @@
+"""Tokenizing for a served model: through llama-server's `/tokenize` and `/detokenize` (the vocabulary that
+generates), or with a local GGUF of the same model (its vocabulary only)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from helpers.engine.http import Endpoint
+from helpers.errors import ServerResponseError, UsageError
+
+
+class ServerTokenizer:
+    """Tokenizing with llama-server's `/tokenize` and `/detokenize` (the vocabulary that generates)."""
+
+    def __init__(self, endpoint: Endpoint, props: dict, n_vocab: int):
+        self._endpoint = endpoint
+        self._n_vocab = n_vocab
+        self._control: dict[int, bool] = {}
+        name = Path(props.get("model_path") or "").name
+        self.metadata = {"general.name": props.get("model_alias") or name, "general.basename": name}
+        if props.get("chat_template"):
+            self.metadata["tokenizer.chat_template"] = props["chat_template"]
+        self._bos = self._single(props.get("bos_token"), "bos_token")
+        self._eos = self._single(props.get("eos_token"), "eos_token")
+        plain = self._tokens("a", add_special=False)
+        self.add_bos = self._tokens("a", add_special=True)[: -len(plain) or None] == [self._bos]
+
+    def _tokens(self, text: str, *, add_special: bool = False, special: bool = False) -> list[int]:
+        body = {"content": text, "add_special": add_special, "parse_special": special}
+        tokens = self._endpoint.json("POST", "/tokenize", body).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise ServerResponseError(f"/tokenize answered {tokens!r} instead of a list of token ids.")
+        return tokens
+
+    def _single(self, spelling: str | None, what: str) -> int:
+        tokens = self._tokens(spelling, special=True) if spelling else []
+        if len(tokens) != 1:
+            raise ServerResponseError(f"The server's {what} ({spelling!r}) is not one token: cannot build prompts.")
+        return tokens[0]
+
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    def token_bos(self) -> int:
+        return self._bos
+
+    def token_eos(self) -> int:
+        return self._eos
+
+    def is_control(self, token: int) -> bool:
+        """Whether `token` is a control token: its spelling is that token only when control tokens are parsed
+        (`/tokenize` does not report token attributes, so this is how it can tell)."""
+        if token not in self._control:
+            spelling = self.detokenize([token], special=True).decode("utf-8", "replace")
+            parsed = self._tokens(spelling, special=True)
+            self._control[token] = parsed == [token] and self._tokens(spelling, special=False) != parsed
+        return self._control[token]
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        return self._tokens(text, special=special)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
+        # llama-server renders control tokens as their spelling (common_token_to_piece, special=true).
+        content = self._endpoint.json("POST", "/detokenize", {"tokens": list(tokens)}).get("content", "")
+        return content.encode("utf-8")
+
+    def close(self) -> None:
+        pass
+
+
+class LocalTokenizer:
+    """Tokenizing with a local GGUF of the same model (its vocabulary only: `vocab_only=True`)."""
+
+    def __init__(self, path: str | Path):
+        import llama_cpp
+
+        from helpers.engine.llama_backend import LlamaCppBackend, captured_native_log
+
+        if not Path(path).is_file():
+            raise UsageError(f"tokenizer must be a GGUF file of the served model; {str(path)!r} does not exist.")
+        with captured_native_log([], echo=False):
+            llama = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+        self._vocab = LlamaCppBackend(llama, owned=True)
+        self.metadata = dict(self._vocab.metadata)
+        self.add_bos = self._vocab.add_bos
+        for name in ("n_vocab", "token_bos", "token_eos", "is_control", "tokenize", "detokenize", "close"):
+            setattr(self, name, getattr(self._vocab, name))
