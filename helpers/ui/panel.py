@@ -1,7 +1,8 @@
 """The interactive chat panel: the conversation in the centre (rendered from Markdown, newest at the bottom),
 a prompt box that sends on Enter, Generate / Stop / Regenerate / Continue / Edit / Clear / Export, the prompt
 reading progress and stats, how much of the context the last turn used, and the settings built from
-`GenerationSettings`' field metadata.
+`GenerationSettings`' field metadata. What each action does to the conversation is decided by a plain object,
+`helpers.ui.conversation.Conversation`; this module holds the widgets, the worker thread and the wiring.
 
 Generation runs in a worker thread, so the kernel keeps handling widget events and Stop works; the
 conversation is re-rendered in batches (every `FLUSH_SECONDS`), not per token. One panel per model is live:
@@ -21,6 +22,7 @@ from functools import cache
 from helpers.errors import UsageError
 from helpers.generation import GenerationStats, stream
 from helpers.settings import PRESETS, GenerationSettings, setting_info
+from helpers.ui.conversation import Conversation, Request
 from helpers.ui.transcript import conversation_html, export
 
 FLUSH_SECONDS = 0.1
@@ -74,26 +76,58 @@ def _panel_box():
 
 
 class ChatPanel:
-    """The panel's widgets and behaviour; `build_ui` returns its `.widget` (and `.widget.panel` is this)."""
+    """The panel's widgets, its worker thread and the wiring between them; the conversation and what each
+    action does to it are `self.conversation` (`helpers.ui.conversation`). `build_ui` returns its `.widget`
+    (and `.widget.panel` is this)."""
 
     def __init__(self, llm, *, system_prompt: str = "", settings: GenerationSettings | None = None, template=None):
         import ipywidgets as w
 
         self.llm, self.template = llm, template
         self.model = _model_of(llm)
-        settings = settings or GenerationSettings()
-        self._history: list[dict] = []
+        self.conversation = Conversation(system_prompt)
         self.last_stats: GenerationStats | None = None
         self.last_export = None
         self.retired = False
+        self.thread: threading.Thread | None = None
         self._busy = threading.Lock()  # one generation at a time on one panel
         self._stop = threading.Event()
         self._clearing = False  # a Clear stops the answer: its prompt is not put back in the box
-        self._applying_preset = False
-        self.thread: threading.Thread | None = None
-        n_ctx = self._n_ctx()
+        self._applying_preset = False  # a preset is setting the controls: they do not re-pick the preset
 
-        label = {"style": {"description_width": "120px"}, "layout": w.Layout(width="460px")}
+        n_ctx = self._n_ctx()
+        self._build_outputs(w, n_ctx)
+        self._buttons = _button_row(w)
+        (
+            self.generate_button,
+            self.stop_button,
+            self.regenerate_button,
+            self.continue_button,
+            self.edit_button,
+            self.clear_button,
+            self.export_button,
+        ) = self._buttons
+        settings_box = self._build_settings(w, settings or GenerationSettings(), n_ctx)
+        self.widget = self._assemble(w, settings_box)
+        self._wire()
+        self._update_buttons()
+        self._go_live()
+
+    @property
+    def history(self) -> list[dict]:
+        """The finished turns, oldest first: user, assistant, user, ... (an assistant message may carry its
+        "finish" reason). Setting it shows that conversation."""
+        return self.conversation.history
+
+    @history.setter
+    def history(self, messages: list[dict]) -> None:
+        self.conversation.history = list(messages)
+        self._refresh()
+
+    # --- building the widgets -----------------------------------------------------------------------
+
+    def _build_outputs(self, w, n_ctx: int | None) -> None:
+        """The conversation, the note, error and stats lines, the context bar and the prompt box."""
         self.note = w.HTML(value="")
         self.transcript = w.HTML(value=conversation_html([]), layout=w.Layout(width="100%"))
         self.error = w.HTML(value="")
@@ -105,18 +139,22 @@ class ChatPanel:
         self.prompt = w.Text(
             placeholder="Ask something... (Enter sends)", continuous_update=True, layout=w.Layout(width="100%")
         )
-        self.prompt.on_msg(self._on_prompt_message)  # Enter: {"event": "submit"} in ipywidgets 7 and 8
+        for widget, name in (
+            (self.transcript, "transcript"),
+            (self.stats, "stats"),
+            (self.error, "error"),
+            (self.note, "note"),
+        ):
+            widget.add_class(f"llama2-textgen-{name}")  # stable handles for styling and the browser test
 
-        self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
-        self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
-        self.regenerate_button = w.Button(description="Regenerate", icon="refresh", tooltip="a new answer")
-        self.continue_button = w.Button(description="Continue", icon="forward", tooltip="extend the last answer")
-        self.edit_button = w.Button(description="Edit", icon="pencil", tooltip="the last prompt back in the box")
-        self.clear_button = w.Button(description="Clear", icon="trash")
-        self.export_button = w.Button(description="Export", icon="download", tooltip="Markdown and JSON files")
-
+    def _build_settings(self, w, settings: GenerationSettings, n_ctx: int | None):
+        """The settings accordion: system prompt, preset, the number controls, seed, stop strings, cache."""
+        label = {"style": {"description_width": "120px"}, "layout": w.Layout(width="460px")}
         self.system = w.Textarea(
-            value=system_prompt, description="System prompt", placeholder="optional", layout=w.Layout(width="90%")
+            value=self.conversation.system_prompt,
+            description="System prompt",
+            placeholder="optional",
+            layout=w.Layout(width="90%"),
         )
         self.system.style.description_width = "120px"
         self.preset = w.Dropdown(options=[*PRESETS, CUSTOM], value=CUSTOM, description="Preset", **label)
@@ -136,75 +174,13 @@ class ChatPanel:
             layout=w.Layout(width="auto"),
         )
         self.preset.value = self._matching_preset()
-
-        for widget, name in (
-            (self.transcript, "transcript"),
-            (self.stats, "stats"),
-            (self.error, "error"),
-            (self.note, "note"),
-        ):
-            widget.add_class(f"llama2-textgen-{name}")  # stable handles for styling and the browser test
-        self.preset.observe(self._apply_preset, names="value")
-        for name in SAMPLING:
-            self.controls[name].observe(self._mark_custom, names="value")
-        self.generate_button.on_click(lambda _: self.start())
-        self.stop_button.on_click(lambda _: self._stop.set())
-        self.regenerate_button.on_click(lambda _: self.regenerate())
-        self.continue_button.on_click(lambda _: self.continue_answer())
-        self.edit_button.on_click(lambda _: self.edit())
-        self.clear_button.on_click(lambda _: self.clear())
-        self.export_button.on_click(lambda _: self.export())
-
         sampling = w.VBox(
             [self.system, self.preset, *self.controls.values(), self.seed, self.stop_strings, self.cache_prompt]
         )
-        settings_box = w.Accordion(children=[sampling])
-        settings_box.set_title(0, "Settings: system prompt, length, sampling")
-        settings_box.selected_index = None
-        buttons = [
-            self.generate_button,
-            self.stop_button,
-            self.regenerate_button,
-            self.continue_button,
-            self.edit_button,
-            self.clear_button,
-            self.export_button,
-        ]
-        self.widget = _panel_box()(
-            [
-                self.note,
-                self.transcript,
-                self.error,
-                self.prompt,
-                w.HBox(buttons, layout=w.Layout(flex_flow="row wrap")),
-                self.stats,
-                w.HBox([self.context_bar, self.context_label]),
-                settings_box,
-            ]
-        )
-        self.widget.panel = self
-        self._buttons = buttons
-        self._update_buttons()
-        if self.model is not None:
-            old = _live_panels.get(self.model)
-            if old is not None:
-                old.retire()
-            _live_panels[self.model] = self
-
-    @property
-    def history(self) -> list[dict]:
-        """The finished turns, oldest first: user, assistant, user, ... (an assistant message may carry its
-        "finish" reason). Setting it shows that conversation."""
-        return self._history
-
-    @history.setter
-    def history(self, messages: list[dict]) -> None:
-        self._history = list(messages)
-        self._show()
-        if not self._busy.locked():
-            self._update_buttons()
-
-    # --- the controls, from the settings' metadata ------------------------------------------------
+        box = w.Accordion(children=[sampling])
+        box.set_title(0, "Settings: system prompt, length, sampling")
+        box.selected_index = None
+        return box
 
     @staticmethod
     def _control(w, name, value, n_ctx, label):
@@ -218,6 +194,49 @@ class ChatPanel:
         if isinstance(value, int):
             return w.IntSlider(min=low, max=high, step=meta["step"], **common)
         return w.FloatSlider(min=low, max=high, step=meta["step"], **common)
+
+    def _assemble(self, w, settings_box):
+        """The panel, top to bottom; its `.panel` is this controller."""
+        widget = _panel_box()(
+            [
+                self.note,
+                self.transcript,
+                self.error,
+                self.prompt,
+                w.HBox(self._buttons, layout=w.Layout(flex_flow="row wrap")),
+                self.stats,
+                w.HBox([self.context_bar, self.context_label]),
+                settings_box,
+            ]
+        )
+        widget.panel = self
+        return widget
+
+    def _wire(self) -> None:
+        """The events: Enter in the prompt box, the system prompt, the preset and its controls, the buttons."""
+        self.prompt.on_msg(self._on_prompt_message)  # Enter: {"event": "submit"} in ipywidgets 7 and 8
+        self.system.observe(self._on_system_prompt, names="value")
+        self.preset.observe(self._apply_preset, names="value")
+        for name in SAMPLING:
+            self.controls[name].observe(self._mark_custom, names="value")
+        self.generate_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self._stop.set())
+        self.regenerate_button.on_click(lambda _: self.regenerate())
+        self.continue_button.on_click(lambda _: self.continue_answer())
+        self.edit_button.on_click(lambda _: self.edit())
+        self.clear_button.on_click(lambda _: self.clear())
+        self.export_button.on_click(lambda _: self.export())
+
+    def _go_live(self) -> None:
+        """The live panel of its model: the one built for it before is retired."""
+        if self.model is None:
+            return
+        old = _live_panels.get(self.model)
+        if old is not None:
+            old.retire()
+        _live_panels[self.model] = self
+
+    # --- the settings ------------------------------------------------------------------------------
 
     def _matching_preset(self) -> str:
         for name, preset in PRESETS.items():
@@ -244,6 +263,9 @@ class ChatPanel:
             finally:
                 self._applying_preset = False
 
+    def _on_system_prompt(self, change) -> None:
+        self.conversation.system_prompt = change["new"]
+
     def settings(self) -> GenerationSettings:
         """The settings the controls show; ValueError, naming the control, when one cannot be used."""
         seed = self.seed.value.strip()
@@ -265,10 +287,7 @@ class ChatPanel:
 
     def messages(self, prompt: str | None = None) -> list[dict]:
         """The dialog the model is given: system prompt, the finished turns, and `prompt` (default: the box)."""
-        system = [{"role": "system", "content": self.system.value}] if self.system.value.strip() else []
-        turns = [{"role": m["role"], "content": m["content"]} for m in self.history]
-        last = self.prompt.value if prompt is None else prompt
-        return system + turns + [{"role": "user", "content": last}]
+        return self.conversation.messages(self.prompt.value if prompt is None else prompt)
 
     # --- actions --------------------------------------------------------------------------------
 
@@ -287,12 +306,14 @@ class ChatPanel:
 
     def edit(self) -> None:
         """Put the last user message back in the prompt box and drop that turn."""
-        if self._busy.locked() or not self.history:
+        if self._busy.locked():
             return
-        at = len(self.history) - (2 if self.history[-1]["role"] == "assistant" else 1)
-        self.prompt.value = self.history[at]["content"]
+        prompt = self.conversation.edit()
+        if prompt is None:
+            return
+        self.prompt.value = prompt
         self.error.value = ""
-        self.history = self.history[:at]
+        self._refresh()
 
     def clear(self) -> None:
         self._clearing = True
@@ -301,7 +322,8 @@ class ChatPanel:
             self.wait()
         finally:
             self._clearing = False
-        self.history = []
+        self.conversation.clear()
+        self._refresh()
         self.stats.value, self.error.value = "", ""
         self._set_context(0)
 
@@ -317,7 +339,7 @@ class ChatPanel:
             "exported": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         try:
-            path = export(self.history, system_prompt=self.system.value, metadata=metadata)
+            path = export(self.history, system_prompt=self.conversation.system_prompt, metadata=metadata)
         except OSError as error:
             self._show_error(error)
             return None
@@ -332,80 +354,60 @@ class ChatPanel:
             self.error.value = ""
             self._check_usable()
             settings = self.settings()
-            prefix = ""
-            if mode == "new":
-                if not self.prompt.value.strip():
-                    raise UsageError("Type a prompt first.")
-                user, kept = self.prompt.value, list(self.history)
-                self.prompt.value = ""
-            else:
-                if not self.history or self.history[-1]["role"] != "assistant":
-                    raise UsageError(f"Nothing to {mode} yet: send a prompt first.")
-                user, kept = self.history[-2]["content"], self.history[:-2]
-                if mode == "continue":
-                    prefix = self.history[-1]["content"].rstrip()
-                    if not prefix:
-                        raise UsageError("The last answer is empty: use Regenerate.")
+            request = self.conversation.begin(mode, self.prompt.value)
         except ValueError as error:
             self._show_error(error)
             self._busy.release()
             return False
-        previous = self.history
-        self.history = kept
-        messages = self.messages(user)
-        self._show(pending=messages[-1:] + ([{"role": "assistant", "content": prefix}] if prefix else []))
+        if request.prompt_back:  # a new prompt moves from the box into the conversation
+            self.prompt.value = ""
+        self._show(pending=request.pending)
         self._stop.clear()
         self._update_buttons(busy=True)
         self.stats.value = "<i>reading the prompt...</i>"
-        self.thread = threading.Thread(
-            target=self._run, args=(messages, settings, prefix, previous, mode), daemon=True, name="chat-panel"
-        )
+        self.thread = threading.Thread(target=self._run, args=(request, settings), daemon=True, name="chat-panel")
         self.thread.start()
         return True
 
-    def _run(self, messages, settings, prefix, previous, mode):
-        stats, text, shown = GenerationStats(), prefix, 0.0
-        user = messages[-1]
+    def _run(self, request: Request, settings: GenerationSettings) -> None:
+        stats, text, shown = GenerationStats(), request.prefix, 0.0
         try:
             for piece in stream(
                 self.llm,
-                messages,
+                request.messages,
                 settings,
                 stop_event=self._stop,
                 stats=stats,
                 template=self.template,
                 on_progress=self._show_progress,
-                answer_prefix=prefix,
+                answer_prefix=request.prefix,
             ):
                 text += piece
                 now = time.perf_counter()
                 if now - shown >= FLUSH_SECONDS:
-                    self._show(pending=[user, {"role": "assistant", "content": text}])
+                    self._show(pending=[request.user, {"role": "assistant", "content": text}])
                     shown = now
             self.last_stats = stats
             self.stats.value = html.escape(stats.line())
-            if text.strip():  # the context bar counts turns that stay in the conversation
-                self._set_context(stats.prompt_tokens + stats.completion_tokens)
-                self.history = self.history + [
-                    user,
-                    {"role": "assistant", "content": text, "finish": stats.finish_reason},
-                ]
+            if self.conversation.complete(request, text, stats.finish_reason):
+                self._set_context(stats.prompt_tokens + stats.completion_tokens)  # turns that stay count
             else:
-                self._restore(previous, user, mode)
+                self._give_prompt_back(request)
         except Exception as error:  # shown in the panel; the conversation stays as it was
             self.stats.value = ""
-            self._restore(previous, user, mode)
+            self.conversation.restore(request)
+            self._give_prompt_back(request)
             self._show_error(error)
         finally:
             self._show()
             self._busy.release()
             self._update_buttons()
 
-    def _restore(self, previous, user, mode):
-        """Nothing new came: the conversation as it was, and a new prompt back in the box."""
-        self.history = previous
-        if mode == "new" and not self.prompt.value and not self._clearing:
-            self.prompt.value = user["content"]
+    def _give_prompt_back(self, request: Request) -> None:
+        """No answer was kept: a new prompt goes back in the box, unless something else was typed there or
+        Clear stopped it."""
+        if request.prompt_back and not self.prompt.value and not self._clearing:
+            self.prompt.value = request.prompt_back
 
     def wait(self, timeout: float | None = None) -> None:
         if self.thread is not None:
@@ -438,6 +440,12 @@ class ChatPanel:
             return None
         return self.model.n_ctx()
 
+    def _refresh(self) -> None:
+        """Show the conversation as it is now, and the buttons that fit it (unless an answer is coming)."""
+        self._show()
+        if not self._busy.locked():
+            self._update_buttons()
+
     def _show(self, pending: list[dict] | None = None) -> None:
         self.transcript.value = conversation_html(self.history + (pending or []), streaming=pending is not None)
 
@@ -462,19 +470,31 @@ class ChatPanel:
         return f"{used:,} / {n_ctx:,} tokens of context used by the last turn" if n_ctx else ""
 
     def _update_buttons(self, busy: bool = False) -> None:
-        answered = bool(self.history) and self.history[-1]["role"] == "assistant"
         for button in self._buttons:
             button.disabled = self.retired or busy
         self.stop_button.disabled = self.retired or not busy
         if not (self.retired or busy):
-            self.regenerate_button.disabled = not answered
-            self.continue_button.disabled = not answered or self.history[-1].get("finish") == "stop"
-            self.edit_button.disabled = not self.history
+            self.regenerate_button.disabled = not self.conversation.answered
+            self.continue_button.disabled = not self.conversation.can_continue
+            self.edit_button.disabled = not self.conversation.can_edit
         self.prompt.disabled = self.retired
 
     def _on_prompt_message(self, _widget, content, _buffers):
         if content.get("event") == "submit":
             self.start()
+
+
+def _button_row(w) -> list:
+    """Generate, Stop, Regenerate, Continue, Edit, Clear, Export, in the order shown."""
+    return [
+        w.Button(description="Generate", button_style="primary", icon="play"),
+        w.Button(description="Stop", button_style="warning", icon="stop", disabled=True),
+        w.Button(description="Regenerate", icon="refresh", tooltip="a new answer"),
+        w.Button(description="Continue", icon="forward", tooltip="extend the last answer"),
+        w.Button(description="Edit", icon="pencil", tooltip="the last prompt back in the box"),
+        w.Button(description="Clear", icon="trash"),
+        w.Button(description="Export", icon="download", tooltip="Markdown and JSON files"),
+    ]
 
 
 def _numeric() -> list[str]:
