@@ -60,8 +60,9 @@ class Conversation:
 
     @property
     def answered(self) -> bool:
-        """The last turn is an answer: Regenerate can replace it."""
-        return bool(self.history) and self.history[-1]["role"] == "assistant"
+        """The last turn is an answer to a user message: Regenerate can replace it (a history set by hand may
+        start with a lone answer, which has no question to ask again)."""
+        return len(self.history) >= 2 and self.history[-1]["role"] == "assistant" and self.history[-2]["role"] == "user"
 
     @property
     def can_continue(self) -> bool:

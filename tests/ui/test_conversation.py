@@ -247,3 +247,13 @@ def test_the_conversation_imports_no_widgets_and_no_threads():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
     assert imported <= {"__future__", "dataclasses", "helpers.errors"}, imported
+
+
+@pytest.mark.parametrize("mode", ["regenerate", "continue"])
+def test_a_lone_answer_set_by_hand_has_nothing_to_redo(mode):
+    """A history that starts with an answer (set through panel.history) was an IndexError that left the panel
+    busy for good; it is refused like an empty conversation, and nothing changes."""
+    c = chat(answer("Hello."))
+    with pytest.raises(UsageError, match=f"Nothing to {mode} yet"):
+        c.begin(mode)
+    assert c.history == [answer("Hello.")] and not c.answered and not c.can_continue
