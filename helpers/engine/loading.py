@@ -52,7 +52,8 @@ def resolve_gpu_layers(n_gpu_layers, info: ModelInfo, n_ctx: int) -> int:
 def _explain_failure(path: Path, info: ModelInfo, n_gpu_layers: int, n_ctx: int, log: list[str], kwargs) -> str:
     errors = [line.strip() for line in log if "error" in line.lower() or "failed" in line.lower()]
     detail = f" llama.cpp said: {' | '.join(errors[-3:])}" if errors else ""
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    names = getattr(os, "sysconf_names", {})  # macOS has no SC_AVPHYS_PAGES
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if "SC_AVPHYS_PAGES" in names else 0
     need = info.size_bytes + info.kv_bytes_per_token * n_ctx
     if any("unknown model architecture" in line for line in log):
         cause = "this llama-cpp-python is too old for the model's architecture: upgrade llama-cpp-python."
@@ -190,11 +191,18 @@ def load_model(
     if _kept.key == key and _kept.model is not None and not _kept.model.closed:
         return _kept.model
     recipe = dict(n_gpu_layers=n_gpu_layers, n_ctx=n_ctx, n_threads=n_threads, verbose=verbose, kwargs=kwargs)
-    previous = _kept.model
+    previous = _kept.model if _kept.model is not None and not _kept.model.closed else None
     if previous is not None:
         previous.release_engine()  # stop its generation and free its memory before "auto" measures free VRAM
     try:
         backend, layers = _load(path, info, **recipe)
+    except ModelLoadError as error:
+        if previous is not None and not _bring_back(previous):
+            raise ModelLoadError(
+                f"{error} The previous model ({previous.path.name}) could not be loaded again either: it is closed; "
+                "load a model again."
+            ) from error
+        raise
     except BaseException:
         if previous is not None:
             _bring_back(previous)
@@ -206,11 +214,13 @@ def load_model(
     return model
 
 
-def _bring_back(previous: Model) -> None:
-    """After a failed load: the previous file loaded again into the same model, which was never closed; if even
-    that fails, the previous model is closed (it cannot be kept waiting) and forgotten."""
+def _bring_back(previous: Model) -> bool:
+    """After a failed load: the previous file loaded again into the same model, which was never closed (True);
+    if even that fails, the previous model is closed (it cannot be kept waiting) and forgotten (False)."""
     try:
         previous.attach_engine(_load(previous.path, read_info(previous.path), **_kept.recipe)[0])
     except BaseException:
         previous.close()
         _kept.model, _kept.key, _kept.recipe = None, None, None
+        return False
+    return True

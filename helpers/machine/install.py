@@ -1,7 +1,7 @@
 """The one place that decides how llama-cpp-python is installed: a prebuilt CUDA wheel or a CUDA build on an
 NVIDIA GPU, the default (Metal) build on Apple Silicon, else a CPU build.
 
-Used by the Makefile (`python -m helpers.machine.install`) and by the notebook's install cell alike. Standard
+Used by the Makefile (`python -m helpers.install`) and by the notebook's install cell alike. Standard
 library only: it runs before llama-cpp-python exists. CMake flags: llama-cpp-python's CMakeLists.txt
 (LLAVA_BUILD) and llama.cpp's ggml/CMakeLists.txt (GGML_CUDA; GGML_METAL is on by default on Apple); pip
 passes them through CMAKE_ARGS.

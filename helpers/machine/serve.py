@@ -4,7 +4,7 @@ answers match the in-process model's.
 - Bound to 127.0.0.1 unless `--host` says otherwise: a server on another address is open to the network.
 - `--parallel N` slots, each with the whole context (`-c` = per-slot context x N), continuous batching.
 - `-fa off`: with flash attention (llama-server's default is `auto`) greedy answers differed from the
-  in-process model's from the second token on; with it off they matched (README, "Serving and scaling out").
+  in-process model's from the second token on; with it off they matched (docs/serving.md).
 - The API key, if any, is read from the environment variable LLAMA_API_KEY, which llama-server itself
   reads: it never appears on a command line (`ps`), in a log, or in what this prints.
 

@@ -71,7 +71,8 @@ class Conversation:
 
     @property
     def can_edit(self) -> bool:
-        return bool(self.history)
+        last_user = len(self.history) - (2 if self.history and self.history[-1]["role"] == "assistant" else 1)
+        return last_user >= 0 and self.history[last_user]["role"] == "user"
 
     # --- asking, and what comes back ----------------------------------------------------------------
 
@@ -112,8 +113,9 @@ class Conversation:
         self.history = list(request.previous)
 
     def edit(self) -> str | None:
-        """Drop the last turn and give back its user message (to edit and send again); None when empty."""
-        if not self.history:
+        """Drop the last turn and give back its user message (to edit and send again); None when there is no
+        user message to edit (an empty conversation, or a lone answer set by hand)."""
+        if not self.can_edit:
             return None
         at = len(self.history) - (2 if self.history[-1]["role"] == "assistant" else 1)
         prompt = self.history[at]["content"]

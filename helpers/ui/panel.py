@@ -331,7 +331,7 @@ class ChatPanel:
         """Write the conversation as Markdown and JSON beside the notebook (the working folder); the path is
         shown in the panel and returned."""
         if not self.history:
-            self._show_error(ValueError("Nothing to export yet: the conversation is empty."))
+            self._show_error(UsageError("Nothing to export yet: the conversation is empty."))
             return None
         metadata = {
             "model": str(self.model.path.name) if self.model is not None and self.model.path else None,
@@ -456,7 +456,7 @@ class ChatPanel:
             self.stats.value = "<i>generating...</i>"
 
     def _show_error(self, error: Exception) -> None:
-        kind = "" if type(error) is ValueError else f"<b>{type(error).__name__}:</b> "
+        kind = "" if type(error) in (ValueError, UsageError) else f"<b>{type(error).__name__}:</b> "
         self.error.value = f'<span style="color: #b00020">{kind}{html.escape(str(error))}</span>'
 
     def _set_context(self, used: int) -> None:

@@ -3,6 +3,7 @@ cache across turns, and stopping while the prompt is read."""
 
 import threading
 import time
+from pathlib import Path
 
 import llama_cpp
 import pytest
@@ -364,3 +365,19 @@ def test_fitting_a_long_history_can_be_stopped(llama2_vocab):
     stop = threading.Event()
     stop.set()
     assert fit_to_context(as_model(llama2_vocab), history(400), 64, "llama-2", stop) is None
+
+
+def test_when_the_previous_file_cannot_be_loaded_again_the_error_says_it_is_closed(smol_path, tmp_path):
+    """A failed load brings the previous file back; when that file is gone too, the previous model is closed
+    (not left waiting in 'loading') and the error says so."""
+    import shutil
+
+    mine = shutil.copy(smol_path, tmp_path / "mine.gguf")
+    odd = unknown_architecture(tmp_path / "odd.gguf", smol_path)
+    working = load_model(mine)
+    Path(mine).unlink()  # the open model keeps its mapping; loading it again cannot work
+    with pytest.raises(ModelLoadError, match=r"Could not load odd.gguf.*mine.gguf\) could not be loaded again"):
+        load_model(odd)
+    assert working.closed and working.state.value == "closed"
+    with pytest.raises(ModelUnloadedError):
+        generate(working, "Hi", GenerationSettings(max_tokens=2))

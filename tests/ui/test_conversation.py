@@ -257,3 +257,8 @@ def test_a_lone_answer_set_by_hand_has_nothing_to_redo(mode):
     with pytest.raises(UsageError, match=f"Nothing to {mode} yet"):
         c.begin(mode)
     assert c.history == [answer("Hello.")] and not c.answered and not c.can_continue
+
+
+def test_a_lone_answer_is_not_put_back_in_the_box_by_edit():
+    c = chat(answer("Hello."))
+    assert not c.can_edit and c.edit() is None and c.history == [answer("Hello.")]
