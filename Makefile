@@ -83,7 +83,7 @@ clean:
 	rm -rf $(VENV) tests/data .pytest_cache test-artifacts quantized
 
 # llama.cpp's llama-server, built once from the llama.cpp that the pinned llama-cpp-python vendors (same
-# kernels and build flags as the bindings; about 15 minutes on 2 cores). helpers/machine/server_build.py keeps a
+# kernels and build flags as the bindings; 355 s on the idle 2-core VM on 2026-12-05, 40 min when it was busy). helpers/machine/server_build.py keeps a
 # stamp beside it and rebuilds only when the version or the flags change.
 $(LLAMA_SERVER): helpers/machine/server_build.py helpers/machine/llama_server_build.cmake helpers/machine/llama_cpp_build.cmake | $(STAMP)
 	$(BIN)/python -m helpers.machine.server_build
