@@ -32,6 +32,19 @@ def parse_args(argv):
         metavar="URL",
         help="use the model served at URL (http://127.0.0.1:8080/v1) instead of loading one; API key from $LLAMA_API_KEY",
     )
+    p.add_argument(
+        "--prompts",
+        choices=("tokens", "text"),
+        default="tokens",
+        help="with --server: send token ids (llama-server, vLLM) or, for servers that take text only (Ollama, "
+        "LM Studio, llama_cpp.server), the prompt as text; a message spelling a control token is then refused",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="GGUF",
+        help="with --server: a local GGUF of the served model, for servers without llama-server's /tokenize",
+    )
     for f in dataclasses.fields(GenerationSettings):  # one option per setting, from its metadata
         flag, default, meta = f"--{f.name.replace('_', '-')}", getattr(defaults, f.name), f.metadata
         if f.name == "stop":
@@ -56,7 +69,8 @@ def main(argv=None) -> int:
     try:
         settings = GenerationSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings)})
         if args.server:
-            llm = connect(args.server, api_key=os.environ.get("LLAMA_API_KEY"))
+            key = os.environ.get("LLAMA_API_KEY")
+            llm = connect(args.server, api_key=key, prompts=args.prompts, tokenizer=args.tokenizer)
         else:
             path = (
                 Path(args.model)

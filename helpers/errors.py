@@ -8,6 +8,8 @@ would reach for (the way huggingface_hub's `HfHubHTTPError` is also an `OSError`
     │   └── PromptError                         the dialog cannot become a prompt
     │       ├── DialogError                     not [system], user, assistant, ..., user
     │       ├── SpecialTagError                 Llama 2 content with [INST], <<SYS>> ... (Meta's rule)
+    │       ├── ControlTokenError               content spelling a control token, for a server fed text
+    │       ├── TextPromptMismatchError         the prompt as text would be read as other tokens
     │       ├── ChatTemplateError               the GGUF's own chat template fails, runs away or is unsafe
     │       └── ContextOverflowError            the last message alone does not fit the context
     ├── ModelFileError (ValueError)             the file is not a model llama.cpp can load
@@ -66,6 +68,16 @@ class DialogError(PromptError):
 
 class SpecialTagError(PromptError):
     """A Llama 2 message contains one of Meta's special tags, which would forge a turn or a system prompt."""
+
+
+class ControlTokenError(PromptError):
+    """A message spells one of the model's control or special tokens (`</s>`, `<|im_end|>`) and the model is on a
+    server fed text (`connect(..., prompts="text")`), whose tokenizer would read the spelling as that token."""
+
+
+class TextPromptMismatchError(PromptError):
+    """The prompt as text would be read as other token ids than the ones built here (by this vocabulary, or by the
+    server's own tokenizer, checked when connecting), so it is not sent."""
 
 
 class ChatTemplateError(PromptError):
@@ -201,8 +213,9 @@ class ServerResponseError(ServerError):
 
 
 class TokenPromptsUnsupportedError(ServerError):
-    """The server takes text prompts only (llama-cpp-python's `llama_cpp.server`), so it would tokenize the
-    rendered chat itself and turn a typed `</s>` into a control token."""
+    """The server takes text prompts only (Ollama, LM Studio, llama-cpp-python's `llama_cpp.server`): it would
+    tokenize the rendered chat itself and turn a typed `</s>` into a control token. `connect(..., prompts="text")`
+    sends text, after checking that no message spells one."""
 
 
 __all__ = [name for name, value in dict(globals()).items() if isinstance(value, type) and issubclass(value, Exception)]

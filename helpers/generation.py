@@ -123,7 +123,9 @@ def stream(
     `stop_event` ends the generation within one token, or within one graph computation while the prompt is
     read. `on_progress(done, total)` is called (in this thread) as prompt tokens are read. A Llama 2 message
     containing `[INST]`, `[/INST]`, `<<SYS>>` or `<</SYS>>` raises `SpecialTagError` (a ValueError) before the
-    model is used, as Meta's reference refuses it, unless `allow_special_tags=True` sends it as written. `answer_prefix` is
+    model is used, as Meta's reference refuses it, unless `allow_special_tags=True` sends it as written. On a server
+    fed text (`connect(..., prompts="text")`), a message spelling a control token raises `ControlTokenError`
+    (a ValueError) before anything is sent. `answer_prefix` is
     the start of the answer (a Continue): the prompt ends with it, left open, and the yielded text continues it.
     """
     model = as_model(llm)
@@ -173,8 +175,9 @@ def stream(
 def _plan(model, messages_or_prompt, settings, template, stop_event, allow_special_tags, answer_prefix):
     """(prompt token ids, settings, dropped turns): the dialog fitted to the context and ending with the answer
     prefix, and max_tokens lowered to the room left; None if `stop_event` was set while fitting."""
-    prefix = model.tokenize(answer_prefix) if answer_prefix else []
     messages = as_messages(messages_or_prompt)
+    model.check_messages(messages, answer_prefix)  # a server fed text refuses control-token spellings
+    prefix = model.tokenize(answer_prefix) if answer_prefix else []
     budget = settings.max_tokens + len(prefix)
     fitted = fit_to_context(model, messages, budget, template, stop_event, allow_special_tags=allow_special_tags)
     if fitted is None:

@@ -65,6 +65,8 @@ MODULE_NEEDS = {
 TEST_NEEDS = {  # tests that start llama-server or load models in child processes themselves
     "tests/engine/test_remote.py::test_api_key_sent_and_never_shown": "server",
     "tests/engine/test_remote.py::test_parallel_slots_serve_concurrent_clients": "server",
+    "tests/engine/test_text_prompts.py::test_llama_cpp_server_in_text_mode": "server",  # llama_cpp.server
+    "tests/engine/test_text_prompts.py::test_notebook_with_a_text_only_server": "kernel",
     "tests/files/test_gguf_check.py::test_fuzzed_headers_end_in_a_clear_error_or_a_load": "model",
 }
 

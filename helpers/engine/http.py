@@ -139,6 +139,11 @@ def _http_error_for(endpoint: Endpoint, path: str, status: int, message: str) ->
             f"{endpoint.base_url} refused {key} (HTTP {status}: {message}). Pass the server's key: "
             "connect(url, api_key=...), or LLAMA_API_KEY for `make serve`."
         )
+    if status == 404 and re.search(r"model .*not found", message, re.IGNORECASE):  # Ollama: a model not pulled
+        return ServerResponseError(
+            f"{endpoint.base_url} does not have that model (HTTP 404: {message}). Pull it there (Ollama: "
+            "`ollama pull NAME`), or pass connect(..., model=) one of the models it lists."
+        )
     if status == 404:
         return ServerResponseError(
             f"{endpoint.url(path)} does not exist (HTTP 404: {message}). base_url is the OpenAI-style address "
@@ -178,10 +183,28 @@ def sse_events(response) -> Iterator[dict | None]:
         if text.strip() == "[DONE]":
             yield None
             continue
-        try:
-            event = json.loads(text)
-        except ValueError:
-            raise ServerResponseError(f"The server sent an event that is not JSON: {text[:120]!r}.") from None
-        if not isinstance(event, dict):
-            raise ServerResponseError(f"The server sent an event that is not a JSON object: {text[:120]!r}.")
-        yield event
+        yield _json_object(text, "an event")
+
+
+def json_lines(response) -> Iterator[dict]:
+    """The JSON objects of a newline-delimited JSON stream (Ollama's `/api/generate`), one per line. Raises
+    ServerResponseError on a line that is not a JSON object."""
+    while True:
+        raw = response.readline()
+        if not raw:
+            return
+        line = raw.decode("utf-8", "replace").strip()
+        if not line:
+            continue
+        yield _json_object(line, "a line")
+
+
+def _json_object(text: str, what: str) -> dict:
+    """`text` read as a JSON object; ServerResponseError naming `what` the server sent when it is not one."""
+    try:
+        event = json.loads(text)
+    except ValueError:
+        raise ServerResponseError(f"The server sent {what} that is not JSON: {text[:120]!r}.") from None
+    if not isinstance(event, dict):
+        raise ServerResponseError(f"The server sent {what} that is not a JSON object: {text[:120]!r}.")
+    return event

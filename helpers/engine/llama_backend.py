@@ -105,6 +105,7 @@ class LlamaCppBackend:
         self._strong = llama if owned else None
         self._weak = weakref.ref(llama)
         self._flag = ctypes.create_string_buffer(2)  # [0] != 0: stop the running graph computation
+        self._special_spellings: dict[str, int] | None = None
 
     # --- the Llama, while it is alive -------------------------------------------------------------
 
@@ -148,6 +149,18 @@ class LlamaCppBackend:
 
     def is_control(self, token: int) -> bool:
         return bool(self.llama._model.token_get_attr(token) & _SPECIAL)
+
+    def special_spellings(self) -> dict[str, int]:
+        """Every text llama.cpp reads as one token when control tokens are parsed: the texts of the control,
+        user-defined and unknown tokens (llama-vocab.cpp's `cache_special_tokens`), by spelling."""
+        if self._special_spellings is None:
+            model, parsed = self.llama._model, _SPECIAL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+            found = {}
+            for token in range(model.n_vocab()):  # about 50 ms for 50,000 tokens, once
+                if model.token_get_attr(token) & parsed and (text := model.token_get_text(token)):
+                    found.setdefault(text, token)
+            self._special_spellings = found
+        return self._special_spellings
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=False, special=special)

@@ -236,6 +236,11 @@ class Model:
             messages, template or self.template, llm=self, allow_special_tags=allow_special_tags
         )
 
+    def check_messages(self, messages, answer_prefix: str = "") -> None:
+        """Refuse, before a prompt is built, what this model's engine cannot be sent safely (`helpers.stream` asks).
+        An engine fed token ids takes any text: content is tokenized as plain text. (A server fed text refuses
+        control-token spellings: `RemoteModel`.)"""
+
     def stream(self, messages_or_prompt, settings: GenerationSettings | None = None, **kwargs) -> Iterator[str]:
         return _story().stream(self, messages_or_prompt, settings, **kwargs)
 

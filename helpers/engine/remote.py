@@ -11,14 +11,21 @@ server-task.cpp in the llama.cpp that llama-cpp-python 0.3.35 vendors):
 - Tokenizing uses the server's own `/tokenize` and `/detokenize` (llama-server), so the client needs no
   model file: the vocabulary is the one generating, and a laptop can drive a 70B model it could not hold.
   Each call is one loopback round trip (about a millisecond); a chat turn is encoded once. For servers
-  without that endpoint (vLLM, Ollama) pass `tokenizer=` a local GGUF of the same model: any Llama 2 GGUF,
-  or just its 724 KB vocabulary, tokenizes every Llama 2 chat model the same.
+  without that endpoint (vLLM, LM Studio, llama_cpp.server) pass `tokenizer=` a local GGUF of the same model:
+  any Llama 2 GGUF, or just its 724 KB vocabulary, tokenizes every Llama 2 chat model the same. An Ollama on
+  this machine needs none: its model's GGUF is the file `/api/show` names.
 - Streamed as server-sent events. Each chunk is one generated token; `verbose: true` makes llama-server
   add the token's id and the running count (`__verbose.tokens`, `tokens_predicted`), which keeps the
   completion-token count exact even when a token's text is held back (half a UTF-8 character, the start
   of a stop string). `return_progress: true` reports prompt progress, with the tokens reused from the
   server's prompt cache. Servers that ignore those fields still work: one chunk of text, one token.
 - A stop closes the connection: llama-server notices at its next token and frees the slot.
+
+Servers that take text only (Ollama, LM Studio, llama-cpp-python's `llama_cpp.server`) are refused unless
+`connect(url, prompts="text")` opts in: then the rendered prompt goes as text, after the checks in
+`helpers.engine.text_prompts` (no message may spell a control token; the text must read back as the same ids).
+Ollama is spoken to in its own API, `/api/generate` with `raw: true`: its `/v1/completions` wraps any prompt in
+the model's chat template and drops top_k, min_p and repeat_penalty (docs/serving.md, "Text-only servers").
 
 Parity with the in-process model holds for llama-server started with `-fa off` (flash attention changes
 the rounding) and repeat_penalty 1.0 (llama-server counts prompt tokens in the penalty window,
@@ -37,8 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers.engine.backend import PromptProgress, SampledToken
-from helpers.engine.http import DEFAULT_TIMEOUT, Endpoint, error_message, reason, sse_events
+from helpers.engine.http import DEFAULT_TIMEOUT, Endpoint, error_message, json_lines, reason, sse_events
 from helpers.engine.model import Model
+from helpers.engine.text_prompts import check_messages, check_server_reading, prompt_text, server_tokens
 from helpers.engine.tokenizers import LocalTokenizer, ServerTokenizer
 from helpers.errors import (
     ServerAuthError,
@@ -64,12 +72,17 @@ class Usage:
     timings: dict = field(default_factory=dict)
 
 
+PROMPTS = ("tokens", "text")  # connect(..., prompts=): token ids (llama-server, vLLM), or text (text-only servers)
+
+
 class RemoteBackend:
     """`helpers.engine.backend.Backend` over an OpenAI-compatible server: tokenizer calls go to the tokenizer,
-    `complete` is one streamed `/v1/completions` request with a token-id prompt."""
+    `complete` is one streamed `/v1/completions` request with a token-id prompt (or its text: `prompts="text"`)."""
 
-    def __init__(self, endpoint: Endpoint, model_id: str, tokenizer, n_ctx: int):
-        self.endpoint, self.model_id = endpoint, model_id
+    path = "/v1/completions"
+
+    def __init__(self, endpoint: Endpoint, model_id: str, tokenizer, n_ctx: int, *, prompts: str = "tokens"):
+        self.endpoint, self.model_id, self.prompts = endpoint, model_id, prompts
         self._tokenizer = tokenizer
         self._n_ctx = n_ctx
         self.metadata = tokenizer.metadata
@@ -100,6 +113,13 @@ class RemoteBackend:
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
         return self._tokenizer.detokenize(tokens, special=special)
 
+    def specials_in(self, text: str) -> list[str]:
+        return self._tokenizer.specials_in(text)
+
+    def prompt(self, prompt: Sequence[int]) -> list[int] | str:
+        """What goes in the request: the token ids, or (`prompts="text"`) the text that reads back as them."""
+        return list(prompt) if self.prompts == "tokens" else prompt_text(self, prompt)
+
     def cached_tokens(self) -> list[int]:
         return []  # the server's slots keep their own caches; it reports reuse per request
 
@@ -107,7 +127,7 @@ class RemoteBackend:
         """The `/v1/completions` body: OpenAI's fields, plus llama-server's (and vLLM's) sampling extras."""
         return {
             "model": self.model_id,
-            "prompt": list(prompt),
+            "prompt": self.prompt(prompt),
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": settings.max_tokens,
@@ -144,7 +164,7 @@ class RemoteBackend:
         if cancel.is_set():
             return
         request = self.request(prompt, settings, seed)
-        connection, response = self.endpoint.open("POST", "/v1/completions", request, wait=True)
+        connection, response = self.endpoint.open("POST", self.path, request, wait=True)
         with self._lock:
             self._connection = connection
         stopped = threading.Event()
@@ -251,6 +271,76 @@ def _read_usage(usage: Usage, event: dict) -> None:
         usage.timings = event["timings"]
 
 
+class OllamaBackend(RemoteBackend):
+    """Ollama, in its own API: `/api/generate` with `raw: true` and the prompt as text (Ollama takes no token
+    ids). Read from its source (ollama/ollama, server/routes.go GenerateHandler, llm/llama_server.go): raw
+    skips the model's template, and the text goes to llama-server's `/completion`, which adds the BOS and parses
+    control tokens. Every sampling setting maps to an option; the answer streams as JSON lines, one per piece of
+    text, then a last one with `done_reason`, `prompt_eval_count` (the whole prompt, cached tokens included) and
+    `eval_count`. Ollama always reuses its prompt cache and does not say how much: no cache figures."""
+
+    path = "/api/generate"
+
+    def request(self, prompt: Sequence[int], settings: GenerationSettings, seed: int) -> dict:
+        options = {
+            "num_ctx": self.n_ctx(),  # the context the helpers fit the dialog into (Ollama's default may differ)
+            "num_predict": settings.max_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "top_k": settings.top_k,
+            "min_p": settings.min_p,
+            "repeat_penalty": settings.repeat_penalty,
+            "seed": seed,
+        }
+        if settings.stop:
+            options["stop"] = list(settings.stop)
+        # truncate: false: a prompt too long for the context is an error, never silently cut from the front
+        return {
+            "model": self.model_id,
+            "prompt": self.prompt(prompt),
+            "raw": True,
+            "stream": True,
+            "truncate": False,
+            "options": options,
+        }
+
+    def _events(self, response, prompt, usage: Usage, cancel: threading.Event, stopped: threading.Event):
+        """One `SampledToken` per line with text (Ollama sends no ids, and no line for a token whose text is held
+        back), the end-of-generation after a "stop"."""
+        total, progressed = len(prompt), False
+        for line in json_lines(response):
+            if cancel.is_set() or self._interrupted:
+                stopped.set()
+                return
+            if "error" in line:
+                raise ServerResponseError(f"The server reported an error in the middle of the answer: {line['error']}")
+            if not progressed:  # no prompt progress: the prompt was read by the first line
+                progressed = True
+                yield PromptProgress(total, total, 0)
+            text = line.get("response") or ""
+            if not isinstance(text, str):
+                raise ServerResponseError(f"The server sent a malformed line: {json.dumps(line)[:120]}.")
+            if text:
+                yield SampledToken(-1, text.encode("utf-8"), False)
+            if line.get("done"):
+                usage.finish_reason = line.get("done_reason") or "stop"
+                usage.prompt_tokens, usage.completion_tokens = line.get("prompt_eval_count"), line.get("eval_count")
+                usage.timings = {  # under llama-server's names; Ollama reports nanoseconds
+                    "prompt_n": usage.prompt_tokens,
+                    "prompt_ms": (line.get("prompt_eval_duration") or 0) / 1e6,
+                    "predicted_n": usage.completion_tokens,
+                    "predicted_ms": (line.get("eval_duration") or 0) / 1e6,
+                }
+                if usage.finish_reason == "stop":
+                    yield SampledToken(-1, b"", True)
+                return
+        if not (cancel.is_set() or self._interrupted):
+            raise ServerResponseError(
+                "The server ended the stream without finishing the answer (no line with done: true): it may have "
+                "stopped the model (Ollama also ends an answer that repeats one token 30 times). Try again."
+            )
+
+
 # --- the model -----------------------------------------------------------------------------------------
 
 
@@ -258,18 +348,33 @@ class RemoteModel(Model):
     """A model on a server, from `helpers.connect`. Everything a loaded `helpers.Model` does, except
     `llama` (there is no `llama_cpp.Llama` in this process)."""
 
-    def __init__(self, backend: RemoteBackend, *, template: str | None, slots: int | None):
+    def __init__(self, backend: RemoteBackend, *, template: str | None, slots: int | None, server: str | None = None):
         super().__init__(backend, template=template)
         self.base_url, self.model_id, self.slots = backend.endpoint.base_url, backend.model_id, slots
+        self.prompts, self.server = backend.prompts, server  # server: what it is, when it says (Ollama 0.32.7)
+        self.text_check: str | None = None  # prompts="text": what connect found out about the server's reading
 
     @property
     def last_usage(self) -> Usage:
         """What the server reported about the last completion (its own token counts, cache use, timings)."""
         return self.backend.last_usage
 
+    def check_messages(self, messages, answer_prefix: str = "") -> None:
+        """A server fed text refuses a message that spells one of the vocabulary's special tokens (ControlTokenError,
+        naming the message and the token); fed token ids, it takes any text."""
+        if self.prompts == "text":
+            check_messages(self.backend, messages, answer_prefix)
+
     def describe(self) -> str:
         slots = f", {self.slots} parallel slot{'s' if self.slots != 1 else ''}" if self.slots else ""
-        return f"Connected to {self.model_id} at {self.base_url}: context {self.n_ctx()} tokens per request{slots}."
+        server = f" ({self.server})" if self.server else ""
+        line = f"Connected to {self.model_id} at {self.base_url}{server}: context {self.n_ctx()} tokens per request{slots}."
+        if self.prompts == "text":
+            line += (
+                " Prompts go as text (prompts='text'): a message that spells a control token is refused; "
+                f"{self.text_check}."
+            )
+        return line
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -284,16 +389,23 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     tokenizer: str | Path | None = None,
     template: str | None = None,
+    prompts: str = "tokens",
 ) -> RemoteModel:
     """A model served at `base_url` (`http://127.0.0.1:8080/v1`), usable wherever a loaded model is.
 
     `api_key`: sent as `Authorization: Bearer ...`, never printed. `model`: which served model (default: the
     first `/v1/models` lists). `timeout`: seconds to wait for the server to connect or to send anything.
-    `tokenizer`: a local GGUF of the same model, for servers without llama-server's `/tokenize` (vLLM).
-    `template`: the chat template's name (default: Llama 2's for Llama 2 models, else the server's).
+    `tokenizer`: a local GGUF of the same model, for servers without llama-server's `/tokenize` (vLLM, LM Studio,
+    llama_cpp.server; an Ollama on this machine needs none). `template`: the chat template's name (default:
+    Llama 2's for Llama 2 models, else the server's). `prompts`: "tokens" (token ids: llama-server, vLLM), or
+    "text" for servers that take only text (Ollama, LM Studio, llama_cpp.server): then a message that spells a
+    control token raises `ControlTokenError` before anything is sent (`helpers.engine.text_prompts`).
 
-    Checks the server now: that it answers, accepts the key, takes token-id prompts, and tokenizes.
+    Checks the server now: that it answers, accepts the key, takes token-id prompts (or, with prompts="text",
+    reads the prompt text as the same ids, where it can tokenize), and tokenizes.
     """
+    if prompts not in PROMPTS:
+        raise UsageError(f"prompts must be one of: {', '.join(PROMPTS)}; got {prompts!r}.")
     endpoint = Endpoint.parse(base_url, api_key, timeout)
     listed = endpoint.json("GET", "/v1/models")
     data = listed.get("data") if isinstance(listed, dict) else None
@@ -308,11 +420,16 @@ def connect(
         info = data[ids.index(model)]
     else:
         raise UsageError(f"The server does not serve {model!r}; it serves: {', '.join(ids)}.")
-    _check_token_prompts(endpoint, model)
+    if prompts == "tokens":
+        _check_token_prompts(endpoint, model)
 
     meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
-    tok = LocalTokenizer(tokenizer) if tokenizer is not None else None
     props = _props(endpoint)
+    ollama = _ollama_version(endpoint) if prompts == "text" and props is None else None
+    shown = _ollama_show(endpoint, model) if ollama else {}
+    if tokenizer is None and ollama:
+        tokenizer = _ollama_gguf(shown, model)
+    tok = LocalTokenizer(tokenizer) if tokenizer is not None else None
     if tok is None:
         if props is None:
             raise ServerResponseError(
@@ -322,9 +439,56 @@ def connect(
             )
         tok = ServerTokenizer(endpoint, props, int(meta.get("n_vocab") or 0))
     settings = (props or {}).get("default_generation_settings") or {}
-    n_ctx = int(settings.get("n_ctx") or meta.get("n_ctx") or info.get("max_model_len") or 4096)
-    backend = RemoteBackend(endpoint, model, tok, n_ctx)
-    return RemoteModel(backend, template=template, slots=(props or {}).get("total_slots"))
+    n_ctx = int(
+        settings.get("n_ctx") or meta.get("n_ctx") or info.get("max_model_len") or _ollama_context(shown) or 4096
+    )
+    kind = OllamaBackend if ollama else RemoteBackend
+    backend = kind(endpoint, model, tok, n_ctx, prompts=prompts)
+    server = f"Ollama {ollama}" if ollama else None
+    remote = RemoteModel(backend, template=template, slots=(props or {}).get("total_slots"), server=server)
+    if prompts == "text":
+        try:
+            reader = server_tokens(endpoint, model, llama_server=props is not None)
+            remote.text_check = check_server_reading(remote, reader)
+        except BaseException:
+            remote.close()
+            raise
+    return remote
+
+
+def _ollama_version(endpoint: Endpoint) -> str | None:
+    """Ollama's version from its `/api/version` (routes.go), or None: not an Ollama."""
+    try:
+        answer = endpoint.json("GET", "/api/version")
+    except ServerResponseError:
+        return None
+    version = answer.get("version") if isinstance(answer, dict) else None
+    return version if isinstance(version, str) else None
+
+
+def _ollama_show(endpoint: Endpoint, model: str) -> dict:
+    answer = endpoint.json("POST", "/api/show", {"model": model})
+    return answer if isinstance(answer, dict) else {}
+
+
+def _ollama_gguf(shown: dict, model: str) -> str:
+    """The model's GGUF on this machine: the `FROM` of the Modelfile `/api/show` returns (the blob's path)."""
+    found = re.search(r"^FROM (.+)$", str(shown.get("modelfile") or ""), re.MULTILINE)
+    path = Path(found.group(1).strip()) if found else None
+    if path is None or not path.is_file():
+        raise UsageError(
+            f"Ollama's {model!r} is not a file on this machine ({path or 'no FROM in its Modelfile'}): Ollama runs "
+            "elsewhere, or as another user. Pass connect(..., tokenizer=) a GGUF of the same model (for Llama 2, any "
+            f"Llama 2 GGUF; `ollama show --modelfile {model}` names Ollama's copy)."
+        )
+    return str(path)
+
+
+def _ollama_context(shown: dict) -> int | None:
+    """The model's training context (`<architecture>.context_length`), at most 4096 as `load_model` chooses."""
+    info = shown.get("model_info") if isinstance(shown.get("model_info"), dict) else {}
+    trained = info.get(f"{info.get('general.architecture')}.context_length")
+    return min(int(trained), 4096) if isinstance(trained, int) and trained > 0 else None
 
 
 def _props(endpoint: Endpoint) -> dict | None:
@@ -348,10 +512,12 @@ def _check_token_prompts(endpoint: Endpoint, model: str) -> None:
         if error.status is None or error.status == 404 or not invalid:
             raise
         raise TokenPromptsUnsupportedError(
-            f"{endpoint.base_url} does not accept a prompt given as token ids (HTTP {error.status}: {error.detail}). The helpers never send "
-            "rendered text for a server to tokenize (a typed </s> would become a control token). Use a server that "
-            "takes token ids: llama.cpp's llama-server (`make serve`) or vLLM; llama-cpp-python's llama_cpp.server "
-            "takes text only."
+            f"{endpoint.base_url} does not accept a prompt given as token ids (HTTP {error.status}: {error.detail}): "
+            "it takes text only, as Ollama and LM Studio do (llama-cpp-python's llama_cpp.server takes text only "
+            "too). connect(url, prompts='text') sends the rendered prompt as text instead. The risk: the server "
+            "tokenizes that text itself and reads a typed </s> or <|im_end|> as the control token, ending or forging "
+            "a turn; so with prompts='text' a message that spells a control token is refused before anything is sent. "
+            "Or use a server that takes token ids: llama.cpp's llama-server (`make serve`) or vLLM."
         ) from None
     if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list):
         raise TokenPromptsUnsupportedError(
@@ -363,6 +529,7 @@ __all__ = [
     "connect",
     "RemoteModel",
     "RemoteBackend",
+    "OllamaBackend",
     "ServerError",
     "ServerUnavailableError",
     "ServerAuthError",

@@ -3,6 +3,7 @@ generates), or with a local GGUF of the same model (its vocabulary only)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -57,6 +58,15 @@ class ServerTokenizer:
             self._control[token] = parsed == [token] and self._tokens(spelling, special=False) != parsed
         return self._control[token]
 
+    def specials_in(self, text: str) -> list[str]:
+        """The spellings in `text` that llama-server reads as tokens once it parses control tokens (as it parses a
+        prompt given as text): the tokens parsing adds over plain text. llama.cpp reads a user-defined token's
+        text as that token even in plain text, so those are the same ids in both modes and are not listed here
+        (a local GGUF lists them too: `LocalTokenizer`)."""
+        plain = set(self._tokens(text, special=False))
+        added = [token for token in self._tokens(text, special=True) if token not in plain]
+        return [self.detokenize([token], special=True).decode("utf-8", "replace") for token in dict.fromkeys(added)]
+
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         return self._tokens(text, special=special)
 
@@ -86,3 +96,12 @@ class LocalTokenizer:
         self.add_bos = self._vocab.add_bos
         for name in ("n_vocab", "token_bos", "token_eos", "is_control", "tokenize", "detokenize", "close"):
             setattr(self, name, getattr(self._vocab, name))
+        self._specials: re.Pattern | None = None
+
+    def specials_in(self, text: str) -> list[str]:
+        """The spellings in `text` of the vocabulary's control, user-defined and unknown tokens, in order: every
+        text llama.cpp reads as a token when it parses control tokens (as a server parses a prompt given as text)."""
+        if self._specials is None:
+            spellings = sorted(self._vocab.special_spellings(), key=len, reverse=True)  # longest first, as llama.cpp
+            self._specials = re.compile("|".join(map(re.escape, spellings)) or "(?!)")
+        return self._specials.findall(text)

@@ -20,28 +20,13 @@ from helpers.errors import ServerAuthError, ServerResponseError, ServerUnavailab
 from helpers.generation import GenerationStats, generate, stream
 from helpers.machine.serve import server_binary
 from helpers.settings import GenerationSettings
+from tests.support.dialogs import DIALOGS, GREEDY
 from tests.support.fake_openai_server import FakeServer
 from tests.support.llama_server import free_port, get_json, running_server
 
 needs_server = pytest.mark.skipif(
     not server_binary().is_file(), reason=f"{server_binary()} is missing: run `make llama-server`"
 )
-
-GREEDY = GenerationSettings(temperature=0, repeat_penalty=1.0, cache_prompt=False, max_tokens=40, seed=7)
-
-DIALOGS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [
-        {"role": "system", "content": "You are a concise assistant."},
-        {"role": "user", "content": "Name three primary colours."},
-    ],
-    [
-        {"role": "user", "content": "Hello! Who are you?"},
-        {"role": "assistant", "content": "I am a helpful assistant."},
-        {"role": "user", "content": "Write one sentence about the sea."},
-    ],
-    [{"role": "user", "content": "Explain what </s> and <|im_end|> mean, typed as text."}],
-]
 
 
 @pytest.fixture(scope="module")
@@ -356,3 +341,21 @@ def test_command_line_says_when_the_server_is_down():
         [sys.executable, "-m", "helpers", "Hi", "--server", url], capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2 and "error: No answer from" in done.stderr
+
+
+def test_the_remote_wing_loads_no_engine_and_no_story():
+    """`import helpers.engine.remote` loads neither llama_cpp (a local tokenizer imports it when asked for) nor
+    the templates: `RemoteModel.template` reaches `template_for` through the public face, on first use."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, helpers.engine.remote; print(sorted(m for m in sys.modules if m.startswith(('helpers', 'llama'))))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    names = set(ast.literal_eval(loaded.stdout))
+    assert {"helpers.engine.http", "helpers.engine.tokenizers"} <= names
+    assert not any(name.startswith("llama_cpp") for name in names) and "helpers.templates" not in names, names

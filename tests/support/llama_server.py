@@ -96,16 +96,21 @@ def running_server(
             raise RuntimeError(f"{error}\n--- llama-server log ---\n{tail}") from None
         yield root + "/v1"
     finally:
+        stop_group(process, log)
+
+
+def stop_group(process: subprocess.Popen, log) -> None:
+    """End a server started in its own process group: SIGTERM, then SIGKILL after 10 s; close its log."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
         try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            process.wait()
-        log.close()
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+    log.close()
 
 
 def get_json(url: str, api_key: str | None = None) -> object:
