@@ -24,6 +24,20 @@ def smol(smol_path):
     return load_model(smol_path)
 
 
+@pytest.fixture(scope="module")
+def server_url(smol_path):
+    """llama-server serving the small model on 127.0.0.1 (one per test module), its OpenAI base URL."""
+    from helpers.machine.serve import server_binary
+    from tests.support.llama_server import running_server
+
+    if not server_binary().is_file():
+        pytest.skip(f"{server_binary()} is missing: run `make llama-server`")
+    # One compute thread: the test process computes with its own model in between, and on a busy 2-core
+    # machine two servers' worth of spinning threads made both 15-35x slower (1 vs 27 tokens/s measured).
+    with running_server(smol_path, parallel=1, slot_ctx=2048, threads=1) as url:
+        yield url
+
+
 @pytest.fixture(scope="session")
 def llama2_vocab():
     """A Llama built from the real Llama 2 SPM vocabulary only (no weights): tokenizer-level tests."""

@@ -29,16 +29,6 @@ needs_server = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def server_url(smol_path):
-    if not server_binary().is_file():
-        pytest.skip(f"{server_binary()} is missing: run `make llama-server`")
-    # One compute thread: the test process computes with its own model in between, and on a busy 2-core
-    # machine two servers' worth of spinning threads made both 15-35x slower (1 vs 27 tokens/s measured).
-    with running_server(smol_path, parallel=1, slot_ctx=2048, threads=1) as url:
-        yield url
-
-
 @pytest.fixture
 def remote(server_url):
     return connect(server_url)

@@ -30,14 +30,12 @@ from helpers.errors import (
     UsageError,
 )
 from helpers.generation import GenerationStats, generate, stream
-from helpers.machine.serve import server_binary
 from helpers.settings import GenerationSettings
 from helpers.templates import encode_chat, render_chat
 from tests.conftest import VOCAB
 from tests.support.dialogs import DIALOGS as SHARED_DIALOGS
 from tests.support.dialogs import GREEDY
 from tests.support.llama_cpp_server import running_llama_cpp_server
-from tests.support.llama_server import running_server
 from tests.support.ollama_server import OllamaStandIn
 
 LLAMA2 = "llama2:7b-chat"
@@ -242,14 +240,6 @@ def test_text_that_cannot_read_back_is_not_sent(ollama, llama2_vocab):
 
 
 # --- the real llama-server, text mode against token mode ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server_url(smol_path):
-    if not server_binary().is_file():
-        pytest.skip(f"{server_binary()} is missing: run `make llama-server`")
-    with running_server(smol_path, parallel=1, slot_ctx=2048, threads=1) as url:
-        yield url
 
 
 def test_llama_server_text_mode_matches_token_mode(server_url, smol_path):
