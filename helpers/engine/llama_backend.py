@@ -176,8 +176,6 @@ class LlamaCppBackend:
         """The logits at every position of `tokens`, evaluated afresh (for perplexity; the model must be loaded
         with logits_all=True); afterwards the KV cache holds `tokens`, and the bookkeeping says so."""
         llama = self.llama
-        if not self.logits_all:
-            raise UsageError("perplexity needs every position's logits: load the model with logits_all=True.")
         llama.reset()
         llama.eval(list(tokens))
         return np.array(llama.scores[: len(tokens)])

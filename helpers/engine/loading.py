@@ -196,16 +196,12 @@ def load_model(
         previous.release_engine()  # stop its generation and free its memory before "auto" measures free VRAM
     try:
         backend, layers = _load(path, info, **recipe)
-    except ModelLoadError as error:
-        if previous is not None and not _bring_back(previous):
+    except BaseException as error:
+        if previous is not None and not _bring_back(previous) and isinstance(error, ModelLoadError):
             raise ModelLoadError(
                 f"{error} The previous model ({previous.path.name}) could not be loaded again either: it is closed; "
                 "load a model again."
             ) from error
-        raise
-    except BaseException:
-        if previous is not None:
-            _bring_back(previous)
         raise
     if previous is not None:
         previous.close()
