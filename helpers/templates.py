@@ -275,17 +275,60 @@ def _plain_run(model, text: str, after: _Special | None, before: _Special | None
     return _plain(model, text) if text else []
 
 
+_INERT = "\ue000"  # a private-use character: no case, no tags, no space, no pair to reverse into a control token
+
+
+def _controls(model, ids: list[int]) -> list[int]:
+    return [token for token in ids if model.is_control(token)]
+
+
 def _encode_rendered_whole(model, dialog: Sequence[Message], rendered: str) -> list[int]:
+    """The rendering tokenized whole, with its control tokens parsed: allowed only when no content spells a
+    control token, and when no content *makes* one either through what the template does to it (`| lower` turns
+    `<|IM_START|>` into `<|im_start|>`; `| reverse`, `| replace(...)`, `| striptags` and joins can too).
+
+    That is checked on the rendering itself: its control tokens must be the ones the template writes with each
+    content replaced by an inert character. Where they differ, each message is replaced alone, which names
+    the message whose rendered text holds the extra control tokens."""
     for i, message in enumerate(dialog):
         content = message["content"]
         if model.tokenize(content, special=True) != model.tokenize(content, special=False):
             raise ChatTemplateError(
                 f"Message {i} ({message['role']}) spells a control token of this model, and this model's chat "
                 "template changes message content in a way that cannot be followed token by token, so it could "
-                "reach the model as a real control token. Remove the control token from the message, or pass "
-                "template= one of: " + ", ".join(available_templates()) + "."
+                "reach the model as a real control token. Remove the control token from the message, or "
+                + _pass_a_template()
             )
-    return _with_bos(model, model.tokenize(rendered, special=True))
+    ids = model.tokenize(rendered, special=True)
+    found = _controls(model, ids)
+    contents = [m["content"] for m in dialog]
+    if found != _controls_with(model, dialog, [c and _INERT for c in contents]):
+        for i, message in enumerate(dialog):
+            if not contents[i]:
+                continue  # nothing of the user's to transform
+            alone = _controls_with(model, dialog, [*contents[:i], _INERT, *contents[i + 1 :]])
+            if alone is None:
+                raise ChatTemplateError(
+                    f"Message {i} ({message['role']}): this model's chat template both transforms and checks "
+                    "message content, so whether its text turns into a control token cannot be verified: "
+                    + _pass_a_template()
+                )
+            if alone != found:
+                raise ChatTemplateError(
+                    f"Message {i} ({message['role']}) turns into a control token of this model once this model's "
+                    "chat template transforms it (re-casing, reversing, stripping or replacing its text), so it "
+                    "could fake a turn. Remove the text that becomes a control token (a control token's spelling "
+                    "in another case or order, or in pieces) from the message, or " + _pass_a_template()
+                )
+    return _with_bos(model, ids)
+
+
+def _controls_with(model, dialog: Sequence[Message], contents: list[str]) -> list[int] | None:
+    """The control tokens of the rendering with these contents; None if the template refuses them."""
+    try:
+        return _controls(model, model.tokenize(_render_embedded(model, dialog, contents), special=True))
+    except ChatTemplateError:
+        return None
 
 
 def _with_bos(model, tokens: list[int]) -> list[int]:
