@@ -11,7 +11,7 @@ COLAB_STAMP := $(COLAB)/.colab-ipykernel-6.17.1-ipython-7.34.0-ipywidgets-7.7.1
 LLAMA2_7B := quantized/llama2-7b-shaped.Q4_K_M.gguf
 LLAMA_SERVER := $(BIN)/llama-server
 
-.PHONY: setup demo test test-fast test-browser lint format lab bench bench-7b clean llama-server serve load-test
+.PHONY: setup demo test test-fast test-browser classic-env lint format lab bench bench-7b clean llama-server serve load-test
 
 setup: $(STAMP)
 
@@ -39,6 +39,29 @@ $(COLAB_STAMP): | $(STAMP)
 	touch $(COLAB).part/$(notdir $(COLAB_STAMP))
 	mv $(COLAB).part $(COLAB)
 
+# Colab's widget stack in a Python 3.13 environment of its own, for the classic-notebook browser test: notebook
+# 6.5.7's front end with widgetsnbextension 3.6.10 (ipywidgets 7.7.1's JavaScript), ipykernel 6.17.1, IPython
+# 7.34.0, and what helpers/ needs from requirements.txt (its Jupyter 4/7 and ipywidgets 8 pins left out).
+# llama-cpp-python: the py3-none wheel `make setup` built, when pip's cache has it (pip's cache is keyed by the
+# Python version, so it has to be named), else built here from source by helpers.install, with the same flags
+# (LLAVA off, AMX off). Without that Python nothing is built, and the test says why it skips.
+PY313 ?= /root/.pyenv/versions/3.13.0/bin/python3
+CLASSIC := .venv313
+CLASSIC_STAMP := $(CLASSIC)/.notebook-6.5.7-widgetsnbextension-3.6.10-ipywidgets-7.7.1-ipykernel-6.17.1-ipython-7.34.0
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' requirements.txt)
+$(CLASSIC_STAMP): requirements.txt helpers/machine/install.py
+	@if [ ! -x "$(PY313)" ]; then echo "No Python 3.13 at $(PY313) (make PY313=...): the classic-notebook test will skip"; exit 0; fi; \
+	set -ex; rm -rf $(CLASSIC); "$(PY313)" -m venv $(CLASSIC); \
+	$(CLASSIC)/bin/python -m pip install --quiet --upgrade pip; \
+	wheel=$$($(CLASSIC)/bin/python -m pip cache list llama_cpp_python-$(LLAMA_CPP_VERSION)-py3 --format=abspath | head -n1); \
+	if [ -n "$$wheel" ]; then $(CLASSIC)/bin/python -m pip install --quiet "$$wheel"; else $(CLASSIC)/bin/python -m helpers.install; fi; \
+	grep -vE '^(llama-cpp-python|ipywidgets|ipykernel|notebook|jupyterlab|nbclient)\b' requirements.txt > $(CLASSIC)/helpers-requirements.txt; \
+	$(CLASSIC)/bin/python -m pip install --quiet -r $(CLASSIC)/helpers-requirements.txt notebook==6.5.7 \
+		widgetsnbextension==3.6.10 ipywidgets==7.7.1 ipykernel==6.17.1 ipython==7.34.0; \
+	touch $@
+
+classic-env: $(CLASSIC_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m helpers.demo llama2_textgen.ipynb
 
@@ -52,7 +75,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 4 -m "$(FAST)"
 
 # JupyterLab driven by headless Chromium (Debian's package; Playwright never downloads a browser).
-test-browser: $(STAMP)
+test-browser: $(STAMP) $(CLASSIC_STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(BIN)/python -m pytest -m browser tests/browser
 
@@ -80,7 +103,7 @@ bench-7b: $(LLAMA2_7B)
 	$(BIN)/python bench/fitting.py
 
 clean:
-	rm -rf $(VENV) tests/data .pytest_cache test-artifacts quantized
+	rm -rf $(VENV) $(CLASSIC) tests/data .pytest_cache test-artifacts quantized
 
 # llama.cpp's llama-server, built once from the llama.cpp that the pinned llama-cpp-python vendors (same
 # kernels and build flags as the bindings; 355 s on the idle 2-core VM on 2026-12-05, 40 min when it was busy). helpers/machine/server_build.py keeps a
