@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +42,11 @@ class ModelInfo:
 
 
 def check_gguf(path: str | os.PathLike) -> Path:
-    """The path, if it exists and starts with the GGUF magic; else a clear error."""
+    """The path, if it is a regular file that starts with the GGUF magic; else a clear error that says what the
+    path is (a directory, a FIFO, a device, a symbolic link loop). Never opens anything but a regular file, so
+    a FIFO cannot block and /dev/zero is not read."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelFileMissingError(
-            f"Model file not found: {path}. Download it with helpers.download_model(...) first."
-        )
+    _check_regular_file(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
@@ -54,6 +55,41 @@ def check_gguf(path: str | os.PathLike) -> Path:
             "(convert it or download the GGUF version) or an incomplete download (delete it and download again)."
         )
     return path
+
+
+_NOT_FILES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _check_regular_file(path: Path) -> None:
+    """ModelFileMissingError saying what `path` is when it is not a regular file (stat only: nothing is opened)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            what = "a symbolic link loop (it leads, through links, back to itself)"
+        elif os.path.islink(path):
+            raise ModelFileMissingError(
+                f"{path} is a symbolic link to {os.readlink(path)!r}, which does not exist. Download the model "
+                "again, or give the path of the .gguf file itself."
+            ) from None
+        elif error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise ModelFileMissingError(
+                f"Model file not found: {path}. Download it with helpers.download_model(...) first."
+            ) from None
+        else:
+            what = f"a path that cannot be read ({error.strerror})"
+        raise ModelFileMissingError(f"{path} is {what}, not a model file. Give the path of a .gguf file.") from None
+    for test, what in _NOT_FILES:
+        if test(mode):
+            inside = sorted(p.name for p in path.glob("*.gguf"))[:5] if what == "a directory" else []
+            hint = f" (it holds {', '.join(inside)})" if inside else ""
+            raise ModelFileMissingError(f"{path} is {what}, not a model file. Give the path of a .gguf file{hint}.")
 
 
 # GGUF value types: struct format of the scalars; 8 = string, 9 = array.
@@ -70,6 +106,7 @@ GGML_MAX_NAME = 64
 GGML_MAX_DIMS = 4
 GGUF_DEFAULT_ALIGNMENT = 32
 _SHORT_ARRAY = 1024  # numeric arrays up to this length (per-layer values) keep their items
+_KEEP_ITEMS = ("tokenizer.ggml.token_type",)  # long numeric arrays whose items are checked (one int32 per token)
 
 
 @dataclass(frozen=True)
@@ -147,7 +184,7 @@ class _Header:
                 size = struct.calcsize("<" + _SCALARS[item])
                 self.need(n * size, f"the {n:,} items of {key}")
                 items = None
-                if n <= _SHORT_ARRAY:
+                if n <= _SHORT_ARRAY or key in _KEEP_ITEMS:
                     items = struct.unpack_from(f"<{n}{_SCALARS[item]}", self.data, self.pos)
                 self.pos += n * size
                 return GGUFArray(item, n, items)

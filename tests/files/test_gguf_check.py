@@ -15,16 +15,15 @@ from helpers.files.gguf_check import LLAMA_MAX_LAYERS
 from helpers.files.gguf_header import read_info
 from helpers.settings import GenerationSettings
 from tests.conftest import VOCAB
-from tests.support.header_fuzz import HeaderMap, is_failure, patch, patch_length, write_base
+from tests.support.header_fuzz import is_failure, patch, patch_length, tiny_base
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smol_path):
-    """SmolLM2's header with 2 tiny layers of random weights (4 MB), and where its fields are."""
-    path = write_base(tmp_path_factory.mktemp("tiny") / "tiny.gguf", smol_path)
-    return path, path.read_bytes(), HeaderMap(path)
+    """SmolLM2's header with 2 tiny layers of random weights (4 MB), and where its fields are (built once)."""
+    return tiny_base(tmp_path_factory.getbasetemp(), smol_path)
 
 
 def _copy(tmp_path, data: bytes, name="bad.gguf") -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import json
 import os
 import random
@@ -27,6 +28,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -38,13 +40,17 @@ Q4_0, F32 = gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.F32
 U32, STRING = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.STRING
 TINY = {"block_count": 2, "context_length": 2048, "embedding_length": 64, "feed_forward_length": 128}
 HEADS, HEADS_KV = 4, 2
+TRICKY_TEXT = "tab\there \x00\x01\x7f caf\u00e9 \u6f22\u5b57 \U0001f642 \u2581 <0x0A> [EMPTY_5] <|im_end|>"
 ADDRESS_SPACE_LIMIT = 4 << 30
 CASE_TIMEOUT_S = 60
 
 
-def write_base(out: Path, source: Path) -> Path:
-    """`source`'s metadata (vocabulary, merges, template) with a 2-layer, 64-wide Llama of random Q4_0 weights."""
+def write_base(out: Path, source: Path, edit: Callable[[dict], None] | None = None) -> Path:
+    """`source`'s metadata (vocabulary, merges, template) with a 2-layer, 64-wide Llama of random Q4_0 weights;
+    `edit` may change the metadata (a dict of `bench.make_llama2_gguf.read_kv` triples) before it is written."""
     kv = read_kv(source)
+    if edit is not None:
+        edit(kv)
     n_vocab = len(kv["tokenizer.ggml.tokens"][0])
     head = TINY["embedding_length"] // HEADS
     for key, value in {**TINY, "attention.head_count": HEADS, "attention.head_count_kv": HEADS_KV}.items():
@@ -69,6 +75,13 @@ def write_base(out: Path, source: Path) -> Path:
     return out
 
 
+@functools.cache
+def tiny_base(directory: Path, source: Path) -> tuple[Path, bytes, HeaderMap]:
+    """`write_base` once per directory (a test session's): the file, its bytes and where its fields are."""
+    path = write_base(directory / "tiny.gguf", source)
+    return path, path.read_bytes(), HeaderMap(path)
+
+
 # --- where the header's fields are --------------------------------------------------------------------------
 
 
@@ -78,13 +91,20 @@ class HeaderMap:
 
     def __init__(self, path: Path):
         reader = gguf.GGUFReader(path)
-        self.data_start = int(reader.data_offset)
+        self.data_start, self.alignment = int(reader.data_offset), int(reader.alignment)
         self.scalars, self.lengths, self.types, self.tensor_fields = [], [], [], []
+        self.spans = {}  # metadata key -> (start, end) of its whole entry, in file order
+        self.tokenizer = {}  # the tokenizer's metadata values: strings as bytes, arrays as lists
         for name, field in reader.fields.items():
             starts = np.cumsum([0] + [part.nbytes for part in field.parts]) + field.offset
             if name.startswith("GGUF."):
                 self.scalars.append((name, int(starts[0]), field.parts[0].dtype.str))
                 continue
+            self.spans[name] = (int(starts[0]), int(starts[-1]))
+            if name.startswith("tokenizer.ggml."):
+                values = [bytes(field.parts[i]) if field.types[-1] == STRING else field.parts[i][0].item()
+                          for i in field.data]  # fmt: skip
+                self.tokenizer[name] = values if field.types[0] == gguf.GGUFValueType.ARRAY else values[0]
             self.lengths.append((f"{name} (name length)", int(starts[0])))
             self.types.append((name, int(starts[2])))
             kind = gguf.GGUFValueType(field.types[0])
@@ -98,9 +118,11 @@ class HeaderMap:
                     self.lengths += [(f"{name} (an item's length)", int(starts[i])) for i in some]
             else:
                 self.scalars.append((name, int(starts[3]), field.parts[3].dtype.str))
+        self.infos = (int(reader.tensors[0].field.offset), 0)
         for tensor in reader.tensors:
             parts = tensor.field.parts
             starts = np.cumsum([0] + [part.nbytes for part in parts]) + tensor.field.offset
+            self.infos = (self.infos[0], int(starts[-1]))
             self.lengths.append((f"{tensor.name} (name length)", int(starts[0])))
             self.tensor_fields.append((f"{tensor.name} n_dims", int(starts[2]), "<u4"))
             for d in range(parts[3].size):  # the dimensions are one part
@@ -126,10 +148,123 @@ def patch_length(base: bytes, header: HeaderMap, field: str, value: int) -> byte
     return base[:pos] + struct.pack("<Q", value) + base[pos + 8 :]
 
 
+def kv_entry(key: str, value, vtype: int, item_type: int | None = None) -> bytes:
+    """One metadata entry as GGUF writes it (ggml/docs/gguf.md): the key, its type, its value."""
+    return _string(key.encode()) + struct.pack("<I", vtype) + _value(value, vtype, item_type)
+
+
+_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack("<Q", len(data)) + data
+
+
+def _value(value, vtype: int, item_type: int | None) -> bytes:
+    if vtype == STRING:
+        return _string(value)
+    if vtype == gguf.GGUFValueType.ARRAY:
+        if item_type == STRING:
+            items = b"".join(_string(v) for v in value)
+        else:
+            items = struct.pack(f"<{len(value)}{_FORMATS[item_type]}", *value)
+        return struct.pack("<IQ", item_type, len(value)) + items
+    return struct.pack("<" + _FORMATS[vtype], value)
+
+
+def with_kvs(base: bytes, header: HeaderMap, changes: dict[str, bytes | None]) -> bytes:
+    """`base` with metadata entries replaced (a `kv_entry`), removed (None) or added (a new key), the tensor
+    descriptions and data unchanged (their offsets count from the data section, which is re-aligned)."""
+    entries, n_kv = [], len(header.spans)
+    for name, (start, end) in header.spans.items():
+        if name not in changes:
+            entries.append(base[start:end])
+        elif changes[name] is not None:
+            entries.append(changes[name])
+        else:
+            n_kv -= 1
+    added = [entry for name, entry in changes.items() if name not in header.spans and entry is not None]
+    first = min(start for start, _ in header.spans.values())
+    head = base[:16] + struct.pack("<Q", n_kv + len(added)) + base[24:first]  # magic, version, counts
+    out = head + b"".join(entries + added) + base[header.infos[0] : header.infos[1]]
+    return out + b"\0" * (-len(out) % header.alignment) + base[header.data_start :]
+
+
 # --- corruptions ------------------------------------------------------------------------------------------------
 
 HOT = ("block_count", "context_length", "embedding_length", "feed_forward_length", "head_count", "head_count_kv",
-       "rope.dimension_count", "vocab_size", "_token_id", "alignment", "GGUF.")  # fmt: skip
+       "rope.dimension_count", "rope.freq_base", "epsilon", "vocab_size", "_token_id", "alignment",
+       "GGUF.")  # fmt: skip
+ARRAY = gguf.GGUFValueType.ARRAY
+I32 = gguf.GGUFValueType.INT32
+TOKENIZERS = (b"llama", b"bert", b"t5", b"rwkv", b"plamo2", b"gemma4", b"whitespace", b"hybriddna", b"none",
+              b"no_vocab", b"", b"gpt3", b"gpt2\0x", b"LLAMA")  # fmt: skip
+PRE_TOKENIZERS = (b"gemma4", b"sarvam-moe", b"whitespace", b"granite-embed-multi-311m", b"default", b"llama3",
+                  b"qwen2", b"", b"no-such-pre")  # fmt: skip
+# Bytes that break a string: NUL (llama.cpp reads C strings), a lone continuation byte, a cut 2-byte sequence, an
+# encoded surrogate, 0xFF (never UTF-8).
+BAD_BYTES = (b"\0", b"\x80", b"\xc3", b"\xed\xa0\x80", b"\xff")
+
+
+def _break_string(text: bytes, others: list[bytes], rng: random.Random) -> tuple[str, bytes]:
+    how = rng.choice(["bad byte", "bad byte", "empty", "duplicate", "cut", "prefix"])
+    if how == "bad byte":
+        bad, at = rng.choice(BAD_BYTES), rng.randrange(len(text) + 1)
+        return f"{bad!r} at {at}", text[:at] + bad + text[at:]
+    if how == "empty":
+        return "emptied", b""
+    if how == "duplicate":
+        return "a copy of another", rng.choice(others)
+    if how == "cut":
+        return "cut in half", text[: len(text) // 2]
+    return "0xff prefixed", b"\xff" + text
+
+
+def corrupt_tokenizer(base: bytes, header: HeaderMap, rng: random.Random) -> tuple[str, bytes]:
+    """The tokenizer's metadata made inconsistent, the way llama.cpp's vocabulary loader is hurt by: another
+    tokenizer or pre-tokenizer name, token or merge strings with NUL or invalid bytes, empty or duplicate
+    tokens, a whole vocabulary emptied, byte-typed tokens that are not <0xXX>, merges missing or of a wrong type."""
+    meta, changes, done = header.tokenizer, {}, []
+    tokens, merges = list(meta["tokenizer.ggml.tokens"]), list(meta["tokenizer.ggml.merges"])
+    types = list(meta["tokenizer.ggml.token_type"])
+    for what in rng.sample(["model", "pre", "tokens", "all tokens", "types", "merges"], k=rng.choice([1, 1, 1, 2])):
+        if what == "model":
+            name = rng.choice(TOKENIZERS)
+            changes["tokenizer.ggml.model"] = kv_entry("tokenizer.ggml.model", name, STRING)
+            done.append(f"model {name!r}")
+        elif what == "pre":
+            name = rng.choice(PRE_TOKENIZERS)
+            changes["tokenizer.ggml.pre"] = kv_entry("tokenizer.ggml.pre", name, STRING)
+            done.append(f"pre {name!r}")
+        elif what in ("tokens", "merges"):
+            items = tokens if what == "tokens" else merges
+            for i in rng.sample(range(len(items)), k=rng.choice([1, 1, 3, 50])):
+                how, items[i] = _break_string(items[i], items, rng)
+                if len(done) < 8:
+                    done.append(f"{what[:-1]} {i} {how}")
+            if what == "merges" and rng.random() < 0.2:
+                changes["tokenizer.ggml.merges"] = rng.choice(
+                    [None, kv_entry("tokenizer.ggml.merges", [1, 2], ARRAY, I32)]
+                )
+                done.append("merges " + ("removed" if changes["tokenizer.ggml.merges"] is None else "of int32"))
+        elif what == "all tokens":
+            how = rng.choice(["empty", "0xff prefixed", "NUL prefixed", "byte-level characters renamed"])
+            if how == "byte-level characters renamed":  # the 1-character tokens GPT-2's byte fallback needs
+                tokens = [t + b"_" if len(t.decode("utf-8", "replace")) == 1 else t for t in tokens]
+            else:
+                tokens = [b"" if how == "empty" else (b"\xff" if how[0] == "0" else b"\0") + t for t in tokens]
+            done.append(f"all tokens {how}")
+        else:
+            for i in rng.sample(range(len(types)), k=rng.choice([1, 3, 50])):
+                types[i] = rng.choice([6, 6, 6, 0, 2, 3, 4, 5, 7, -1, 255])
+            done.append("token types changed")
+    if tokens != meta["tokenizer.ggml.tokens"]:
+        changes["tokenizer.ggml.tokens"] = kv_entry("tokenizer.ggml.tokens", tokens, ARRAY, STRING)
+    if merges != meta["tokenizer.ggml.merges"] and "tokenizer.ggml.merges" not in changes:
+        changes["tokenizer.ggml.merges"] = kv_entry("tokenizer.ggml.merges", merges, ARRAY, STRING)
+    if types != meta["tokenizer.ggml.token_type"]:
+        changes["tokenizer.ggml.token_type"] = kv_entry("tokenizer.ggml.token_type", types, ARRAY, I32)
+    return "tokenizer: " + ", ".join(done), with_kvs(base, header, changes)
 
 
 def _extremes(dtype: str, old: int | float, rng: random.Random) -> list:
@@ -156,7 +291,10 @@ def _pack(dtype: str, value) -> bytes:
 def corrupt(base: bytes, header: HeaderMap, rng: random.Random) -> tuple[str, bytes]:
     """One random corruption of `base`: (what was done, the new bytes)."""
     data = bytearray(base)
-    kind = rng.choices(["truncate", "flip", "number", "length", "type", "tensor"], weights=[2, 3, 4, 2, 1, 2])[0]
+    kinds = ["truncate", "flip", "number", "length", "type", "tensor", "tokenizer"]
+    kind = rng.choices(kinds, weights=[2, 3, 4, 2, 1, 2, 4])[0]
+    if kind == "tokenizer":
+        return corrupt_tokenizer(base, header, rng)
     if kind == "truncate":
         end = rng.randrange(0, header.data_start + 4096) if rng.random() < 0.8 else rng.randrange(len(base))
         return f"truncate at {end:,}", bytes(data[:end])
@@ -191,14 +329,14 @@ def corrupt(base: bytes, header: HeaderMap, rng: random.Random) -> tuple[str, by
 
 def _child(path: str, out_fd: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
-    from helpers.engine.loading import load_model
-    from helpers.generation import generate
-    from helpers.settings import GenerationSettings
-
     try:
+        from helpers.engine.loading import load_model
+        from helpers.generation import generate
+        from helpers.settings import GenerationSettings
+
         model = load_model(path, n_threads=1)
-        tokens = model.tokenize("Hello, world!\nHow are you?")
-        model.detokenize(tokens)
+        for text in ("Hello, world!\nHow are you?", TRICKY_TEXT):  # the second needs byte fallback
+            model.detokenize(model.tokenize(text))
         generate(model, "Hi", GenerationSettings(max_tokens=2, seed=1), template="llama-2")
         outcome = "loaded"
     except BaseException as error:  # every outcome is reported to the parent, which judges it
@@ -216,18 +354,21 @@ def run_cases(work: Path, base_path: Path, n_cases: int, seed: int, jobs: int = 
 
     os.environ["GGML_NO_BACKTRACE"] = "1"  # a GGML_ASSERT would otherwise attach gdb to print a backtrace
     base, header, rng = base_path.read_bytes(), HeaderMap(base_path), random.Random(seed)
-    plans = [corrupt(base, header, rng) for _ in range(n_cases)]
-    results, running, queue = [], {}, list(enumerate(plans))
-    while queue or running:
-        while queue and len(running) < jobs:
-            i, (what, data) = queue.pop(0)
+    results, running, made = [], {}, 0
+    while made < n_cases or running:
+        while made < n_cases and len(running) < jobs:  # each case made when it starts: one file in memory at a time
+            i, (what, data) = made, corrupt(base, header, rng)
+            made += 1
             path = work / f"case-{i}.gguf"
             path.write_bytes(data)
             read_fd, write_fd = os.pipe()
             pid = os.fork()
-            if pid == 0:
-                os.close(read_fd)
-                _child(str(path), write_fd)
+            if pid == 0:  # the child never returns into this loop, whatever happens in it
+                try:
+                    os.close(read_fd)
+                    _child(str(path), write_fd)
+                finally:
+                    os._exit(1)
             os.close(write_fd)
             running[pid] = (i, what, path, read_fd, time.monotonic())
         pid, status = os.waitpid(-1, os.WNOHANG)
