@@ -191,6 +191,10 @@ def test_fuzzed_headers_end_in_a_clear_error_or_a_load():
     assert len(results) == 200
     assert [r for r in results if is_failure(r["outcome"])] == []
     assert outcomes.get("loaded", 0) >= 10 and outcomes.get("error:DamagedModelError", 0) >= 100
+    # About a quarter are tokenizer corruptions (names, strings, types, merges), most refused before llama.cpp.
+    tokenizer = [r for r in results if r["corruption"].startswith("tokenizer:")]
+    refused = [r for r in tokenizer if r["outcome"] in ("error:DamagedModelError", "error:UnsupportedModelError")]
+    assert len(tokenizer) >= 30 and len(refused) >= 25
 
 
 def test_an_architecture_llama_cpp_does_not_know_is_named_as_the_cause(tiny, tmp_path):

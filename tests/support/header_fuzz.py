@@ -6,11 +6,15 @@ child process, so that a crash in llama.cpp (a signal) is seen and counted inste
 The file fuzzed is SmolLM2-135M-Instruct's header (its real BPE vocabulary, merges and chat template, from the
 bundled offline model) with 2 tiny layers of random Q4_0 weights, written by bench/make_llama2_gguf.py's writer:
 about 4 MB, so a copy per case is cheap. Corruptions: truncations, flipped bits, extreme values of the header's
-numbers (block_count 0 / 513 / 0xffff, context_length 0x7fffffff, head counts...), forged string and array
-lengths, value types, tensor shapes, types and offsets, and the header's counts and version.
+numbers (block_count 0 / 513 / 0xffff, context_length 0x7fffffff, head counts, rope base, norm epsilon...),
+forged string and array lengths, value types, tensor shapes, types and offsets, the header's counts and version,
+and the tokenizer's metadata re-serialised with another tokenizer or pre-tokenizer name, token and merge strings
+with NUL or invalid UTF-8 bytes, empty, cut or duplicate tokens, a whole vocabulary emptied or made unreadable,
+byte-typed tokens that are not <0xXX>, merges removed or of a wrong type (`corrupt_tokenizer`).
 
 Each child loads the file (address space capped at 4 GiB, so a multi-GB allocation fails instead of passing
-unseen), tokenizes, and generates 2 tokens. Outcomes: `loaded`, `error:<class>` for the project's errors, and the
+unseen), tokenizes a plain text and one that needs byte fallback (NUL, control bytes, accents, CJK, an emoji),
+and generates 2 tokens. Outcomes: `loaded`, `error:<class>` for the project's errors, and the
 failures: `signal:<name>`, `timeout`, `unexpected:<class>`. Prints the tally; exit status 1 on any failure.
 """
 
