@@ -66,23 +66,46 @@ def _check_deadline() -> None:
         raise _RenderTimeout
 
 
+_FLAT = (str, bytes)
+_LISTS = (list, tuple, set, frozenset)
+
+
 def _size(value, limit: int) -> int:
     """The size `str()` or `tojson` would expand `value` to, counted in characters and items (a list repeated
     inside a list counts each time), counting stops past `limit`."""
+    kind = type(value)
+    if kind is str:
+        return len(value)
+    if kind is int or kind is bool or kind is float or value is None:
+        return 1 if kind is not int else value.bit_length() // 3 + 1
     total, stack = 0, [value]
     while stack:
         item = stack.pop()
-        if isinstance(item, (str, bytes)):
+        kind = type(item)
+        if kind is str or kind is bytes:
             total += len(item)
-        elif isinstance(item, int):
+        elif kind is dict:
+            total += len(item) + 1
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif kind is list or kind is tuple:
+            total += len(item) + 1
+            stack.extend(item)
+        elif kind is int:
             total += item.bit_length() // 3 + 1
+        elif kind is bool or kind is float or item is None:
+            total += 1
+        elif isinstance(item, _FLAT):
+            total += len(item)
         elif isinstance(item, dict):
             total += len(item) + 1
             stack.extend(item.keys())
             stack.extend(item.values())
-        elif isinstance(item, (list, tuple, set, frozenset)):
+        elif isinstance(item, _LISTS):
             total += len(item) + 1
             stack.extend(item)
+        elif isinstance(item, int):
+            total += item.bit_length() // 3 + 1
         else:
             attrs = (getattr(item, "__dict__", None) or {}).get("_Namespace__attrs")  # jinja2's namespace()
             if isinstance(attrs, dict):
@@ -145,6 +168,11 @@ def _check_format_spec(template: str) -> None:
 def _max_size() -> int:
     state = _render.get()
     return state.max_size if state is not None else 1 << 62
+
+
+_SIZE_TAKING = frozenset(
+    ("center", "indent", "wordwrap", "truncate", "format", "tojson", "replace", "batch", "slice", "sum")
+)
 
 
 def _check_filter(name: str, arguments: dict) -> None:
@@ -217,12 +245,15 @@ def _bounded_filter(name: str, function):
         if _render.get() is not None:
             if name == "join" and len(args) > skip and not isinstance(args[skip], (str, list, tuple, dict)):
                 args = (*args[:skip], list(args[skip]), *args[skip + 1 :])  # sized before join builds it
-            _check_size((args[skip:], kwargs), f"the {name} filter's input")
-            try:
-                arguments = signature.bind(*args[unshown:], **kwargs).arguments
-            except TypeError:
-                arguments = {}  # the filter raises its own error for wrong arguments
-            _check_filter(name, arguments)
+            limit = _max_size()
+            if sum(_size(arg, limit) for arg in args[skip:]) + sum(_size(v, limit) for v in kwargs.values()) > limit:
+                raise _TooBig(f"the {name} filter's input would build more than {limit:,} characters")
+            if name in _SIZE_TAKING:
+                try:
+                    arguments = signature.bind(*args[unshown:], **kwargs).arguments
+                except TypeError:
+                    arguments = {}  # the filter raises its own error for wrong arguments
+                _check_filter(name, arguments)
         result = function(*args, **kwargs)
         if isinstance(result, (str, list, tuple, dict)):
             _check_size(result, f"the {name} filter")
@@ -237,10 +268,13 @@ def _bounded_filter(name: str, function):
 class _Watchdog:
     """One daemon thread that raises `_RenderTimeout` in a rendering thread past its deadline, between two
     Python bytecodes: it ends long Python-level calls (textwrap, the JSON encoder, pprint) that check nothing.
-    One C call cannot be interrupted: the size bounds keep each short."""
+    One C call cannot be interrupted: the size bounds keep each short. It looks every `TICK_S` (waking it at
+    each render instead costs a thread switch per render) and ends after `IDLE_S` without renders."""
+
+    TICK_S, IDLE_S = 0.05, 10.0
 
     def __init__(self):
-        self._lock = threading.Condition()
+        self._lock = threading.Lock()
         self._watched: dict[object, list] = {}  # key -> [thread id, deadline, fired]
         self._thread: threading.Thread | None = None
 
@@ -251,7 +285,6 @@ class _Watchdog:
             if self._thread is None or not self._thread.is_alive():  # also after a fork
                 self._thread = threading.Thread(target=self._run, name="chat-template-watchdog", daemon=True)
                 self._thread.start()
-            self._lock.notify()
         return key
 
     def unwatch(self, key: object) -> None:
@@ -261,18 +294,22 @@ class _Watchdog:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(entry[0]), None)
 
     def _run(self) -> None:
-        with self._lock:
-            while True:
+        idle_since = time.monotonic()
+        while True:
+            time.sleep(self.TICK_S)
+            with self._lock:
                 now = time.monotonic()
-                waiting = [entry for entry in self._watched.values() if not entry[2]]
-                for entry in waiting:
-                    if entry[1] <= now:
+                for entry in self._watched.values():
+                    if not entry[2] and entry[1] <= now:
                         entry[2] = True
                         ctypes.pythonapi.PyThreadState_SetAsyncExc(
                             ctypes.c_ulong(entry[0]), ctypes.py_object(_RenderTimeout)
                         )
-                pending = [entry[1] for entry in waiting if not entry[2]]
-                self._lock.wait(timeout=min(pending) - now if pending else None)
+                if self._watched:
+                    idle_since = now
+                elif now - idle_since > self.IDLE_S:
+                    self._thread = None
+                    return
 
 
 _WATCHDOG = _Watchdog()
@@ -373,7 +410,9 @@ def _build_environment():
                     bits = abs(left).bit_length() if isinstance(left, int) else 64
                     _bounded_int(bits * abs(right), "`**`")
             elif operator == "+":
-                if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                if type(left) is str and type(right) is str:
+                    _bounded(len(left) + len(right), "`+`")
+                elif isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                     _bounded(_size(left, _max_size()) + _size(right, _max_size()), "`+`")
             elif operator == "%" and isinstance(left, str):
                 _check_printf(left, right)
@@ -539,10 +578,13 @@ def render_template(source: str, *, time_limit: float | None = None, **variables
             "The chat template in this model's GGUF recursed without end and was stopped", another_template_helps=True
         ) from None
     except SecurityError as e:
-        raise _error(f"The chat template in this model's GGUF tried something unsafe and was stopped: {e}") from None
+        raise _error(
+            f"The chat template in this model's GGUF tried something unsafe and was stopped: {e}",
+            another_template_helps=True,
+        ) from None
     except TemplateError as e:  # raise_exception(...), undefined names, bad filters
         raise _error(f"The chat template in this model's GGUF refused this dialog: {e}") from None
-    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as e:  # a template's own bug
+    except (TypeError, ValueError, LookupError, AttributeError, ArithmeticError, AssertionError) as e:  # its bug
         raise _error(
             f"The chat template in this model's GGUF failed on this dialog ({type(e).__name__}: {e})",
             another_template_helps=True,

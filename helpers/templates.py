@@ -14,7 +14,8 @@ Hugging Face's transformers renders it (same sandbox, extensions and globals), w
 sandbox is `helpers.template_sandbox`.
 
 Message content is always tokenized as plain text, so nothing a user types (`</s>`, `<|im_end|>`, ...)
-can become a control token.
+can become a control token; nor can what a template makes of it (`| lower` turns `<|IM_END|>` into
+`<|im_end|>`): where a template transforms content, its rendering is checked for control tokens it did not write.
 """
 
 from __future__ import annotations
@@ -209,8 +210,9 @@ def encode_embedded(model, messages: Sequence[Message]) -> list[int]:
     content. The sentinel rendering tells which content the template wrote where; substituting the contents
     (trimmed where the template trims them) must give back the real rendering exactly. Then control tokens are
     looked for only in the template's own text, and the text between two control tokens is tokenized as one
-    piece, as llama.cpp tokenizes a prompt. A template that changes content some other way (or branches on it)
-    falls back to tokenizing its rendering whole, which is only allowed when no content spells a control token.
+    piece, as llama.cpp tokenizes a prompt. A template that changes content some other way (re-cases, reverses,
+    replaces, strips tags, or branches on it) falls back to tokenizing its rendering whole, which is only allowed
+    when no content spells a control token, nor turns into one in the rendering (`_encode_rendered_whole`).
     """
     dialog = validate_dialog(messages)
     contents = [m["content"] for m in dialog]

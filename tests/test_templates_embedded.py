@@ -386,7 +386,7 @@ TRANSFORMING = {  # filter -> (the content expression, content that the filter t
     "lower": ("m.content | lower", FORGED.upper()),
     "upper-then-lower": ("m.content | upper | lower", FORGED.upper()),
     "reverse": ("m.content | reverse", FORGED[::-1]),
-    "striptags": ("m.content | striptags", FORGED.replace("<|", "<<b></b>|")),
+    "striptags": ("m.content | striptags", FORGED.replace("<", "&lt;").replace(">", "<b></b>&gt;")),  # unescapes
     "replace": ("m.content | replace('[', '<') | replace(']', '>')", FORGED.replace("<", "[").replace(">", "]")),
     "join": ("m.content.split('#') | join('')", FORGED.replace("|im", "|#im")),
     "capitalize": ("m.content | capitalize", "X" + FORGED.upper()),
@@ -564,3 +564,19 @@ def test_the_size_bound_grows_with_the_dialog():
     ]
     template = LOOP.replace("CONTENT", "m.content | trim")
     assert render_template(template, messages=dialog) == transformers_render(template, dialog, "<s>", "</s>")
+
+
+def test_template_fuzz_finds_no_forged_control_token_and_no_runaway_render(smol_path):
+    """tests/support/template_fuzz.py with a fixed seed: random filter compositions on random content."""
+    import llama_cpp
+
+    from tests.support.template_fuzz import run
+
+    llama = llama_cpp.Llama(model_path=str(smol_path), vocab_only=True, verbose=False)
+    try:
+        tally = run(as_model(llama), cases=80, seed=22, time_limit=0.5)
+    finally:
+        llama.close()
+    assert tally.failures == []
+    assert tally.cases == 80 and tally.rendered > 20  # most harmless cases still render
+    assert tally.reasons["made a control token"] > 0  # and the fuzz does reach the transforms that forge
