@@ -42,6 +42,11 @@ would reach for (the way huggingface_hub's `HfHubHTTPError` is also an `OSError`
 
 from __future__ import annotations
 
+import base64
+import os
+import re
+from urllib.parse import quote, unquote
+
 
 class HelpersError(Exception):
     """The root of every error the helpers raise: `except helpers.HelpersError` catches them all."""
@@ -216,6 +221,47 @@ class TokenPromptsUnsupportedError(ServerError):
     """The server takes text prompts only (Ollama, LM Studio, llama-cpp-python's `llama_cpp.server`): it would
     tokenize the rendered chat itself and turn a typed `</s>` into a control token. `connect(..., prompts="text")`
     sends text, after checking that no message spells one."""
+
+
+# --- secrets never shown ----------------------------------------------------------------------------------
+
+_USERINFO = re.compile(r"(?<=://)[^\s/@?#]+@")  # http://user:KEY@host -> http://***@host
+# An Authorization value: a scheme, then at least 4 token characters, one of them not a lowercase letter (so
+# "Basic credentials" in prose stays).
+_AUTH_VALUE = re.compile(r"\b((?i:bearer|basic))(\s+)(?=[a-z]*[^a-z\s])[A-Za-z0-9._~+/=-]{4,}")
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
+TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # where huggingface_hub finds a token
+
+
+def scrub(text: str, secrets=()) -> str:
+    """`text` with every secret replaced by `***`: each of `secrets` (an API key, a token, a password) as written,
+    URL-encoded and inside HTTP Basic credentials; the tokens in `HF_TOKEN` and `HUGGING_FACE_HUB_TOKEN`; URL
+    userinfo (`http://user:KEY@host`); Authorization values (`Bearer ...`, `Basic ...`) and Hub tokens
+    (`hf_...`) whoever wrote them. The one function every message, repr and log line built from a server's
+    answer, a URL or an exception passes through, so that what a server echoes is never shown."""
+    text = str(text)
+    found = {s for s in (*secrets, *(os.environ.get(v) for v in TOKEN_VARIABLES)) if isinstance(s, str) and s}
+    forms = set()
+    for secret in found:
+        forms |= {secret, quote(secret, safe=""), unquote(secret)}
+    for secret in list(forms):
+        encoded = base64.b64encode(secret.encode()).decode()
+        forms |= {encoded, encoded.rstrip("=")}  # padded first (longer), then as a prefix of longer base64
+    for form in sorted((f for f in forms if len(f) >= 3), key=len, reverse=True):
+        text = text.replace(form, "***")
+    text = _USERINFO.sub("***@", text)
+    text = _AUTH_VALUE.sub(lambda m: f"{m[1]}{m[2]}***", text)
+    return _HF_TOKEN.sub("hf_***", text)
+
+
+def scrubbed(error: BaseException, secrets=()) -> BaseException:
+    """`error` (one of the helpers' own) with its message, and a ServerError's `detail`, scrubbed in place, and
+    the exception it was raised from dropped (a library's message would print in the traceback unscrubbed)."""
+    error.args = tuple(scrub(a, secrets) if isinstance(a, str) else a for a in error.args)
+    if isinstance(getattr(error, "detail", None), str):
+        error.detail = scrub(error.detail, secrets)
+    error.__cause__, error.__suppress_context__ = None, True
+    return error
 
 
 __all__ = [name for name, value in dict(globals()).items() if isinstance(value, type) and issubclass(value, Exception)]

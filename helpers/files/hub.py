@@ -8,7 +8,18 @@ What huggingface_hub (1.x and 2.x) does by itself, read in its `file_download.py
 - the file's body is read with `HF_HUB_DOWNLOAD_TIMEOUT` (10 s) per network read, so a server that sends a
   byte every few seconds is never timed out;
 - a metadata request (HEAD) that times out ends in the same LocalEntryNotFoundError as no network at all;
-- a 429 on the body's GET is retried 5 times, each after sleeping through the whole `Retry-After`.
+- a 429 on the body's GET is retried 5 times, each after sleeping through the whole `Retry-After` (or the
+  `RateLimit` header's reset time): a huge one overflows `time.sleep` or sleeps for ever;
+- it raises httpx2's own exceptions for answers it cannot use (a redirect loop, headers over its limits, an
+  `ftp://` endpoint) and `KeyError`/`TypeError` for a file listing of another shape.
+`download_file` is the one boundary: whatever fails in it ends as a `DownloadError` (or a `UsageError` for a bad
+argument) whose message says what to do, scrubbed of the token and the endpoint's userinfo
+(`helpers.errors.scrub`), and so are huggingface_hub's log lines while it runs.
+
+A file is never written over in place: huggingface_hub downloads to a temporary name and renames it over the
+blob (`_chmod_and_move`), the joined parts go to `.joining` and are renamed (`split_download`), a damaged file
+is unlinked (`forget`). A model already loaded keeps its memory-mapped inode; truncating that file instead
+would end the process with SIGBUS at its next generation (docs/architecture.md, "The model's lifetime").
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import email.utils
 import functools
 import hashlib
 import importlib
+import logging
 import re
 import shutil
 import sys
@@ -25,6 +37,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from helpers.errors import (
     AccessDeniedError,
@@ -33,6 +46,7 @@ from helpers.errors import (
     DownloadStalledError,
     DownloadTimeoutError,
     GatedModelError,
+    HelpersError,
     HubServerError,
     HubUnreachableError,
     ModelFileMissingError,
@@ -40,6 +54,8 @@ from helpers.errors import (
     NotEnoughDiskError,
     RateLimitedError,
     UsageError,
+    scrub,
+    scrubbed,
 )
 from helpers.files.catalogue import MODELS, OFFLINE_MODEL, get_model
 
@@ -50,6 +66,9 @@ STALL_MIN_BYTES = 64 * 1024
 # A 429 whose Retry-After is longer than this stops the download with the time to retry, instead of letting
 # huggingface_hub sleep through it (up to 5 times).
 LONGEST_RATE_LIMIT_WAIT = 10.0
+# A Retry-After longer than a week is read as a week: nobody waits longer, and a day count in seconds
+# beyond that overflows datetime arithmetic (99999999999999999999999 s did).
+LONGEST_RETRY_AFTER = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -125,21 +144,33 @@ def _known_quants(repo_id: str) -> str:
 
 
 def _retry_after_seconds(headers) -> float | None:
-    """Retry-After as seconds from now: a number of seconds or an HTTP date (RFC 9110 10.2.3)."""
+    """Retry-After as seconds from now: a number of seconds or an HTTP date (RFC 9110 10.2.3), at most
+    LONGEST_RETRY_AFTER; None when absent or unreadable."""
     value = (headers.get("Retry-After") or "").strip()
-    if value.isdigit():
-        return float(value)
+    if re.fullmatch(r"[0-9]{1,30}", value):
+        return min(float(value), LONGEST_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        seconds = (when - datetime.now(timezone.utc)).total_seconds()
+    except (TypeError, ValueError, OverflowError, IndexError):  # no date, a naive one, or one out of range
         return None
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    return min(max(0.0, seconds), LONGEST_RETRY_AFTER)
+
+
+def _rate_limit_reset(headers) -> float | None:
+    """The IETF `RateLimit` header's reset time (`"api";r=0;t=55`), which huggingface_hub sleeps through
+    when no request is left; None when absent or some remain."""
+    found = re.search(r"\br=([0-9]+)\s*;\s*t=([0-9]{1,30})", headers.get("RateLimit") or "")
+    if not found or int(found[1]) > 0:
+        return None
+    return min(float(found[2]), LONGEST_RETRY_AFTER)
 
 
 def _retry_hint(seconds: float | None) -> str:
     if seconds is None:
         return "Wait a few minutes, then run it again (the Hub did not say how long)."
-    at = (datetime.now(timezone.utc) + timedelta(seconds=seconds)).strftime("%H:%M:%S UTC")
+    when = datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    at = when.strftime("%H:%M:%S UTC" if seconds < 12 * 3600 else "%Y-%m-%d %H:%M UTC")
     return f"Run it again in {seconds:.0f} s (after {at}), as the Hub's Retry-After says."
 
 
@@ -202,11 +233,61 @@ def _watch_body(response, *, seconds: float) -> None:
         return
     if response.status_code == 429:
         wait = _retry_after_seconds(response.headers)
-        if wait is not None and wait > LONGEST_RATE_LIMIT_WAIT:
-            raise _rate_limited(str(response.request.url).rsplit("/", 1)[-1], wait)
+        reset = _rate_limit_reset(response.headers)
+        unreadable = wait is None and bool((response.headers.get("Retry-After") or "").strip())
+        if unreadable or max(wait or 0.0, reset or 0.0) > LONGEST_RATE_LIMIT_WAIT:
+            raise _rate_limited(str(response.request.url).rsplit("/", 1)[-1], max(wait or 0.0, reset or 0.0) or None)
     elif response.status_code in (200, 206):
         httpx_module = importlib.import_module(type(response).__module__.split(".")[0])
         response.stream = _stall_guard(httpx_module)(response.stream, seconds)
+
+
+class _ScrubSecrets(logging.Filter):
+    """A filter on huggingface_hub's logger: each record's text scrubbed (its warnings print request URLs)."""
+
+    def __init__(self, secrets):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = scrub(record.getMessage(), self.secrets), None
+        return True
+
+
+@contextlib.contextmanager
+def _scrubbed_logs(secrets):
+    """While inside, every huggingface_hub logger (each module has its own: a filter on the parent does not
+    see the children's records) scrubs its records before any handler sees them."""
+    import huggingface_hub.file_download  # noqa: F401  (its loggers exist once it is imported)
+
+    guard = _ScrubSecrets(secrets)
+    loggers = [
+        logger
+        for name, logger in list(logging.root.manager.loggerDict.items())
+        if name.split(".")[0] == "huggingface_hub" and isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        logger.addFilter(guard)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(guard)
+
+
+def check_endpoint(endpoint: str | None) -> None:
+    """endpoint= (None: HF_ENDPOINT, else huggingface.co) must be an http(s) address."""
+    if endpoint is None:
+        return
+    try:
+        parts = urlsplit(endpoint) if isinstance(endpoint, str) else None
+        port_ok = parts is not None and (parts.port is None or parts.port > 0)
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise UsageError(
+            f"endpoint must be the Hub's http(s) address, like https://huggingface.co; got {scrub(repr(endpoint))}."
+        )
 
 
 @contextlib.contextmanager
@@ -292,6 +373,20 @@ class _Request:
     endpoint: str | None
 
     @property
+    def secrets(self) -> tuple[str, ...]:
+        """The token given or stored, and the endpoint's userinfo: never in a message (`scrub`)."""
+        found = [self.token]
+        try:
+            from huggingface_hub import get_token
+
+            found.append(get_token())
+        except (ImportError, OSError):
+            pass
+        userinfo = urlsplit(self.endpoint).netloc.rpartition("@")[0] if self.endpoint else ""
+        found += [userinfo, *userinfo.split(":", 1)[1:]]
+        return tuple(s for s in found if isinstance(s, str) and s)
+
+    @property
     def where(self) -> str:
         return f"{self.repo_id}/{self.filename}"
 
@@ -334,11 +429,28 @@ class _Request:
             files = HfApi(endpoint=self.endpoint, token=self.token).list_repo_files(
                 self.repo_id, revision=self.revision
             )
-        except (OSError, ValueError, DownloadError, *httpx_errors("HTTPError")):
+        except (
+            OSError,
+            ValueError,
+            LookupError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+            *httpx_errors("HTTPError"),
+        ):
+            return _known_quants(self.repo_id)  # a listing of another shape (no "oid": KeyError) names none
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
             return _known_quants(self.repo_id)
         shown = [f for f in files if f.endswith(".gguf")] or files
         more = f", and {len(shown) - 30} more" if len(shown) > 30 else ""
         return f" Files in {self.repo_id}: {', '.join(shown[:30])}{more}." if shown else f" {self.repo_id} is empty."
+
+    def not_the_hub(self, error: BaseException) -> DownloadError:
+        first = (str(error).splitlines() or [""])[0][:200]
+        return DownloadError(
+            f"What answered at {self.page} for {self.where} does not speak the Hub's protocol ({type(error).__name__}: "
+            f"{first}). Check endpoint= (or HF_ENDPOINT) and any proxy in between, then try again."
+        )
 
     def unreachable(self, why: str) -> HubUnreachableError:
         return HubUnreachableError(
@@ -393,7 +505,11 @@ class _Request:
                 f"The Hugging Face Hub answered HTTP {status} for {self.where}: a problem on the Hub's side, not "
                 "yours. Try again in a few minutes (https://status.huggingface.co)."
             )
-        return DownloadError(f"The Hub answered HTTP {status} for {self.where}: {str(error).strip().splitlines()[0]}")
+        said = getattr(error, "server_message", None) or (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return DownloadError(
+            f"The Hub answered HTTP {status} for {self.where}: {' '.join(str(said).split())[:300]}. Check the "
+            "repository and file names, and endpoint= (or HF_ENDPOINT) if you set one."
+        )
 
 
 def download_file(
@@ -416,10 +532,19 @@ def download_file(
     """
     from huggingface_hub import constants
 
+    check_endpoint(endpoint)
     request = _Request(*resolve(name_or_repo, filename, quant, revision), cache_dir, token, endpoint)
     stall = deadlines.stall if deadlines.stall is not None else max(60.0, constants.HF_HUB_DOWNLOAD_TIMEOUT)
-    with _deadline_on_downloads(stall):
-        return _download(request, deadlines, stall)
+    secrets = request.secrets
+    try:
+        with _scrubbed_logs(secrets), _deadline_on_downloads(stall):
+            return _download(request, deadlines, stall)
+    except HelpersError as error:  # the one boundary: no token or userinfo in any message
+        raise scrubbed(error, secrets) from None
+    except (LookupError, TypeError, ValueError, ArithmeticError, RecursionError) as error:
+        # huggingface_hub reading an answer of a shape it does not expect (a KeyError for a missing field, an
+        # OverflowError for a huge number): the Hub's answer, not this machine, is at fault.
+        raise scrubbed(request.not_the_hub(error), secrets) from None
 
 
 def _download(request: _Request, deadlines: Deadlines, stall: float) -> Path:
@@ -428,6 +553,10 @@ def _download(request: _Request, deadlines: Deadlines, stall: float) -> Path:
 
     no_connection = (*httpx_errors("ConnectError"), *httpx_errors("ConnectTimeout"), ConnectionError)
     timeouts = httpx_errors("TimeoutException")
+    not_the_hub = tuple(
+        kind for name in ("TooManyRedirects", "UnsupportedProtocol", "ProtocolError", "DecodingError")
+        for kind in httpx_errors(name)
+    )  # fmt: skip
     first = deadlines.head if deadlines.head is not None else constants.HF_HUB_ETAG_TIMEOUT
     for attempt, head in enumerate((first, deadlines.slow_head)):
         try:
@@ -453,6 +582,10 @@ def _download(request: _Request, deadlines: Deadlines, stall: float) -> Path:
             if error.response.status_code in (429, 500, 502, 503, 504) and (cached := request.cached()):
                 return cached
             raise request.http_error(error) from None
+        except (*httpx_errors("HTTPError"), OSError) as error:  # a redirect loop, huge headers, not HTTP
+            if cached := request.cached():
+                return cached
+            raise request.not_the_hub(error) from None
     if meta.commit_hash is None or meta.etag is None:  # a proxy or captive portal answered, not the Hub
         if cached := request.cached():
             return cached
@@ -491,6 +624,8 @@ def _download(request: _Request, deadlines: Deadlines, stall: float) -> Path:
         if isinstance(cause, (FileMetadataError, *no_connection)):
             raise request.unreachable(type(cause).__name__) from None
         raise DownloadTimeoutError(f"The Hub stopped answering while {request.where} was requested: retry.") from None
+    except not_the_hub as error:
+        raise request.not_the_hub(error) from None
     except timeouts:
         raise DownloadTimeoutError(
             f"The Hub did not start sending {request.where} within {stall:g} s, after 6 tries. {_partial_note(request.storage)}"

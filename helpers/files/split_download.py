@@ -82,6 +82,7 @@ def download_split_model(
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
+    hub.check_endpoint(endpoint)
     if name_or_repo in MODELS:
         entry = get_model(name_or_repo, quant)
         repo_id, filename = entry.repo_id, filename or entry.filename

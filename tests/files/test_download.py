@@ -11,6 +11,7 @@ import pytest
 from helpers.errors import (
     AccessDeniedError,
     ChecksumMismatchError,
+    DownloadError,
     DownloadStalledError,
     DownloadTimeoutError,
     GatedModelError,
@@ -19,6 +20,7 @@ from helpers.errors import (
     ModelFileNotFoundError,
     NotEnoughDiskError,
     RateLimitedError,
+    UsageError,
 )
 from helpers.files.catalogue import OFFLINE_MODEL, available_models, get_model
 from helpers.files.download import download_model, resolve_model
@@ -285,3 +287,105 @@ def test_very_slow_hub_is_a_timeout_not_a_reason_to_switch_models(hub, tmp_path)
     deadlines = Deadlines(head=0.3, slow_head=1.0, stall=1.0)
     with HubServer(hub) as url, pytest.raises(DownloadTimeoutError, match="did not answer within 1 s"):
         resolve_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url, deadlines=deadlines)
+
+
+# --- answers of any shape, secrets, a loaded file (issue 22) ------------------------------------------------
+
+DEEP = b"[" * 100_000
+NO_OID = b'[{"type": "file", "path": "x.gguf", "size": 1}]'  # a listing huggingface_hub reads with KeyError: 'oid'
+
+
+@pytest.mark.parametrize(
+    "fault,error,message",
+    [
+        (dict(fault=(404, {"X-Error-Code": "EntryNotFound"}), fault_everywhere=True), ModelFileNotFoundError,
+         "was not found in .*HTTP 404.*Files this catalogue knows"),
+        (dict(fault=(404, {"X-Error-Code": "EntryNotFound"}), fault_methods=("HEAD",), tree_body=NO_OID),
+         ModelFileNotFoundError, "was not found in .*Files this catalogue knows"),
+        (dict(fault=(404, {"X-Error-Code": "EntryNotFound"}), fault_methods=("HEAD",), tree_body=DEEP),
+         ModelFileNotFoundError, "was not found in .*Files this catalogue knows"),
+        (dict(fault=(429, {"Retry-After": "99999999999999999999999"})), RateLimitedError,
+         r"again in 604800 s \(after \d{4}-\d\d-\d\d"),
+        (dict(fault=(429, {"Retry-After": "99999999999999999999999"}), fault_methods=("GET",)), RateLimitedError,
+         "again in 604800 s"),
+        (dict(fault=(429, {"RateLimit": '"api";r=0;t=99999999999999999999'}), fault_methods=("GET",)),
+         RateLimitedError, "again in 604800 s"),
+        (dict(fault=(429, {"Retry-After": "²"}), fault_methods=("GET",)), RateLimitedError, "Wait a few minutes"),
+        (dict(fault=(200, {"X-Big": "y" * 200_000})), DownloadError, "does not speak the Hub's protocol.*endpoint="),
+        (dict(fault=(302, {"Location": "{url}"})), DownloadError, "TooManyRedirects.*Check endpoint="),
+        (dict(fault=(302, {"Location": "{url}"}), fault_methods=("GET",)), DownloadError, "TooManyRedirects"),
+        (dict(fault=(307, {"Location": "ftp://127.0.0.1/x"}), fault_methods=("GET",)), DownloadError,
+         "does not speak the Hub's protocol"),
+        (dict(fault=(418, {}), fault_body=DEEP, fault_everywhere=True), DownloadError, "HTTP 418"),
+        (dict(fault=(200, {"X-Repo-Commit": "../../../etc", "ETag": '"abc"'}), fault_methods=("HEAD",)),
+         DownloadError, "ValueError: Invalid pointer path"),  # huggingface_hub's own ValueError, translated
+    ],
+)  # fmt: skip
+def test_hub_answers_of_any_shape_end_in_the_projects_errors(hub, tmp_path, fault, error, message):
+    for name, value in fault.items():
+        setattr(hub, name, value)
+    started = time.monotonic()
+    with HubServer(hub) as url, pytest.raises(error, match=message):
+        download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url, deadlines=FAST)
+    assert time.monotonic() - started < 15 and not list(tmp_path.rglob(FILE))
+
+
+@pytest.mark.parametrize("endpoint", ["ftp://127.0.0.1:1", "not a url", "http://127.0.0.1:99999", "http://"])
+def test_an_endpoint_that_is_not_http_is_a_usage_error(tmp_path, endpoint):
+    with pytest.raises(UsageError, match="endpoint must be the Hub's http"):
+        download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=endpoint)
+
+
+def test_the_token_and_userinfo_are_never_shown(hub, tmp_path, monkeypatch, caplog):
+    """The Hub's error echoes the Authorization header; the endpoint carries a password; huggingface_hub logs
+    each request's URL (at DEBUG)."""
+    import base64
+    import logging
+    import traceback
+
+    token, password, env_token = "hf_given0123456789abcdefXYZ", "pw-77a1c9e0", "hf_fromenv0123456789abcdef"
+    monkeypatch.setenv("HF_TOKEN", env_token)
+    caplog.set_level(logging.DEBUG, logger="huggingface_hub")
+    hub.fault, hub.fault_methods = (418, {"X-Error-Message": f"bad header Authorization: Bearer {token}"}), ("HEAD",)
+    shown = []
+    with HubServer(hub) as url:
+        endpoint = url.replace("://", f"://bob:{password}@")
+        with pytest.raises(DownloadError, match=r"HTTP 418.*Authorization: Bearer \*\*\*") as raised:
+            download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=endpoint, token=token)
+        shown += [str(raised.value), *traceback.format_exception(raised.value)]
+        hub.fault, hub.fault_methods = (503, {}), ("GET",)
+        with pytest.raises(HubServerError) as raised:
+            download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=endpoint)  # the token from HF_TOKEN
+        shown += [str(raised.value), *traceback.format_exception(raised.value)]
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("://***@127.0.0.1" in line for line in logged)  # request URLs, userinfo included, were logged
+    text = "\n".join(shown + logged)
+    secrets = [token, password, env_token, base64.b64encode(f"bob:{password}".encode()).decode()[:-2]]
+    assert not [secret for secret in secrets if secret in text], text
+
+
+@pytest.mark.model  # it loads the downloaded file
+def test_a_re_download_never_writes_over_a_loaded_file(hub, tmp_path, smol_path):
+    """The loaded model's file is memory-mapped: a download of the same file (after the cached copy was deleted,
+    or a new revision of it) goes to a new inode, and the model still generates what it did."""
+    from helpers import generate, load_model
+    from helpers.files.hub import forget
+    from tests.conftest import VOCAB
+    from tests.support.dialogs import GREEDY
+
+    with HubServer(hub) as url:
+        path = download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url)
+        blob = path.resolve()
+        inode = blob.stat().st_ino
+        with load_model(path) as model:
+            before = generate(model, "Name a colour.", GREEDY.replace(max_tokens=8)).text
+            with open(blob, "rb") as held:  # the loaded inode, read through a descriptor opened before
+                forget(path)  # the cached copy deleted (as a checksum mismatch does): downloaded afresh
+                again = download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url)
+                assert again == path and again.resolve().stat().st_ino != inode
+                hub.repos[REPO] = Repo(files={FILE: VOCAB}, commit="1" * 40)  # a new revision, other bytes
+                newer = download_model("llama-2-7b-chat", cache_dir=tmp_path, endpoint=url)
+                assert newer != path and sha256(newer) == sha256(VOCAB)
+                assert hashlib.sha256(held.read()).hexdigest() == sha256(smol_path)  # never written over
+            after = generate(model, "Name a colour.", GREEDY.replace(max_tokens=8)).text
+    assert after == before and len(before) > 0

@@ -39,6 +39,9 @@ class HubState:
     dropped: bool = False
     fault: tuple[int, dict[str, str]] | None = None  # (status, headers) answered to resolve requests instead
     fault_methods: tuple[str, ...] = ("HEAD", "GET")  # ... of these methods
+    fault_body: bytes = b""  # ... with this body
+    fault_everywhere: bool = False  # ... and to the file listing (/api/models/.../tree) too
+    tree_body: bytes | None = None  # the file listing answers 200 with this body instead
     corrupt: bool = False  # GET bodies have one byte changed (same size, same ETag)
     head_delay: float = 0.0  # seconds a HEAD waits before answering
     get_delay: float = 0.0  # seconds a GET of a file waits before answering
@@ -82,11 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             return None
         if state.fault and self.command in state.fault_methods:
-            status, headers = state.fault
-            self.send_response(status)
-            for key, value in {"Content-Length": "0", **headers}.items():
-                self.send_header(key, value)
-            self.end_headers()
+            self._fault()
             return None
         match = RESOLVE.match(self.path.split("?")[0])
         repo = state.repos.get(match["repo"]) if match else None
@@ -105,6 +104,18 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         size = path.stat().st_size
         return repo, path, size
+
+    def _fault(self):
+        """The fault's status, headers and body; a `{url}` in a header value is this request's URL (a Location
+        that points back at itself makes a redirect loop)."""
+        status, headers = self.state.fault
+        body = b"" if self.command == "HEAD" else self.state.fault_body
+        self.send_response(status)
+        url = f"http://{self.headers.get('Host')}{self.path}"
+        for key, value in {"Content-Length": str(len(self.state.fault_body)), **headers}.items():
+            self.send_header(key, value.replace("{url}", url))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _headers(self, status, repo, path, size, length, extra=()):
         self.send_response(status)
@@ -178,6 +189,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _tree(self):
         """GET /api/models/{repo}/tree/{revision}: the repository's files, as the Hub lists them."""
         self.state.requests.append((self.command, self.path, None))
+        if self.state.fault and self.state.fault_everywhere:
+            return self._fault()
+        if self.state.tree_body is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(self.state.tree_body)))
+            self.end_headers()
+            return self.wfile.write(self.state.tree_body)
         match = re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<revision>[^/?]+)", self.path)
         repo = self.state.repos.get(match["repo"]) if match else None
         if repo is None:
