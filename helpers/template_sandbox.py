@@ -38,6 +38,7 @@ MAX_SIZE_BASE = 1_000_000  # characters (or items) any one value, or the output,
 MAX_CALL_DEPTH = 64  # macros calling macros, recursive loops: real templates nest a handful of levels
 MAX_INT_BITS = 100_000  # integers a template may compute (`*`, `**`): ~30,000 digits
 MAX_INDENT = 100  # tojson(indent=...), as characters
+BUILT_FACTOR = 64  # all the values one render builds, together: 64 times what one value may have (many `set`s)
 
 
 class _RenderTimeout(BaseException):  # a BaseException: a template's own `except Exception` cannot swallow it
@@ -55,6 +56,12 @@ class _Render:
     deadline: float
     max_size: int
     depth: int = 0
+    built: int = 0  # characters and items built so far (charged by `_bounded` and by filter and call results)
+
+    def charge(self, size: int, what: str) -> None:
+        self.built += size
+        if self.built > BUILT_FACTOR * self.max_size:
+            raise _TooBig(f"{what} would take what it builds past {BUILT_FACTOR * self.max_size:,} characters in all")
 
 
 _render: ContextVar[_Render | None] = ContextVar("chat_template_render", default=None)
@@ -119,19 +126,21 @@ def _size(value, limit: int) -> int:
 def _bounded(predicted: int, what: str) -> None:
     """Refuse a value of `predicted` size before it is built."""
     state = _render.get()
-    if state is not None and predicted > state.max_size:
-        raise _TooBig(f"{what} would build more than {state.max_size:,} characters")
+    if state is not None:
+        if predicted > state.max_size:
+            raise _TooBig(f"{what} would build more than {state.max_size:,} characters")
+        state.charge(predicted, what)
 
 
-def _check_size(value, what: str) -> None:
+def _check_size(value, what: str, *, built: bool = False) -> None:
+    """Refuse a value past the size bound; `built`: a value just built, charged to the render's total."""
     state = _render.get()
-    if state is not None and _size(value, state.max_size) > state.max_size:
-        raise _TooBig(f"{what} would build more than {state.max_size:,} characters")
-
-
-def _check_int(value, what: str) -> None:
-    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
-        raise _TooBig(f"{what} would compute a number over {MAX_INT_BITS:,} bits")
+    if state is not None:
+        size = _size(value, state.max_size)
+        if size > state.max_size:
+            raise _TooBig(f"{what} would build more than {state.max_size:,} characters")
+        if built:
+            state.charge(size, what)
 
 
 # --- sizes predicted for the operations that take a size ----------------------------------------------
@@ -256,7 +265,7 @@ def _bounded_filter(name: str, function):
                 _check_filter(name, arguments)
         result = function(*args, **kwargs)
         if isinstance(result, (str, list, tuple, dict)):
-            _check_size(result, f"the {name} filter")
+            _check_size(result, f"the {name} filter", built=True)
         return result
 
     return bounded
@@ -278,14 +287,12 @@ class _Watchdog:
         self._watched: dict[object, list] = {}  # key -> [thread id, deadline, fired]
         self._thread: threading.Thread | None = None
 
-    def watch(self, deadline: float) -> object:
-        key = object()
+    def watch(self, key: object, deadline: float) -> None:
         with self._lock:
             self._watched[key] = [threading.get_ident(), deadline, False]
             if self._thread is None or not self._thread.is_alive():  # also after a fork
                 self._thread = threading.Thread(target=self._run, name="chat-template-watchdog", daemon=True)
                 self._thread.start()
-        return key
 
     def unwatch(self, key: object) -> None:
         with self._lock:
@@ -394,7 +401,7 @@ def _build_environment():
             finally:
                 state.depth -= 1
             if isinstance(result, (str, bytes, list, tuple, dict)):
-                _check_size(result, "a call")
+                _check_size(result, "a call", built=True)
             return result
 
         def call_binop(self, context, operator, left, right):
@@ -541,17 +548,18 @@ def render_template(source: str, *, time_limit: float | None = None, **variables
     """Render a chat template as transformers does, stopped with a `ChatTemplateError` after `time_limit`
     seconds (default `RENDER_TIME_LIMIT_S`): every loop step, call and operator checks the clock, and a
     watchdog ends a long call. No value it builds, nor its output, may pass `MAX_SIZE_BASE` characters plus
-    four times the size of `variables`; calls nest at most `MAX_CALL_DEPTH` deep.
+    four times the size of `variables`, nor all of them together `BUILT_FACTOR` times that; calls nest at most
+    `MAX_CALL_DEPTH` deep.
 
     The error's `another_template_helps` is True where passing another template is the way out."""
     from jinja2.exceptions import SecurityError, TemplateError
 
     limit = RENDER_TIME_LIMIT_S if time_limit is None else time_limit
     state = _Render(deadline=time.monotonic() + limit, max_size=MAX_SIZE_BASE + 4 * _size(variables, 1 << 62))
-    token = _render.set(state)
+    token, watch = _render.set(state), object()
     try:
-        watch = _WATCHDOG.watch(state.deadline)
         try:
+            _WATCHDOG.watch(watch, state.deadline)
             template = _compiled(source)
             parts, length = [], 0
             for part in template.generate(**variables):

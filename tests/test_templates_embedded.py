@@ -502,6 +502,7 @@ HOSTILE = {  # each one call that, unbounded, runs for minutes or takes gigabyte
     "int-doubling": "{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
     "power-tower": "{{ ((10 ** 1000) ** 1000) ** 1000 }}",
     "output": "{% for i in range(100000) %}{{ 'y' * 100 }}{% endfor %}",
+    "many-sets": "".join(f"{{% set a{i} = 'x' * 999999 %}}" for i in range(80)),  # each under the bound, not all
     "macro-recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(1) }}",
     "deep-parens": DEEP_PARENS,
     "long-filter-chain": LONG_CHAIN,
