@@ -21,11 +21,13 @@ can become a control token; nor can what a template makes of it (`| lower` turns
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import helpers.template_sandbox as template_sandbox
 from helpers.engine.model import as_model
 from helpers.errors import ChatTemplateError, DialogError, SpecialTagError, UsageError
 from helpers.template_sandbox import render_template
@@ -157,7 +159,9 @@ def _token_text(model, token_id: int) -> str:
     return model.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
 
-def _render_embedded(model, dialog: Sequence[Message], contents: Sequence[str]) -> str:
+def _render_embedded(
+    model, dialog: Sequence[Message], contents: Sequence[str], *, time_limit: float | None = None
+) -> str:
     template = model.metadata.get("tokenizer.chat_template")
     if not template:
         raise UsageError(
@@ -172,6 +176,7 @@ def _render_embedded(model, dialog: Sequence[Message], contents: Sequence[str]) 
             add_generation_prompt=True,
             bos_token=_token_text(model, model.token_bos()),
             eos_token=_token_text(model, model.token_eos()),
+            time_limit=time_limit,
         )
     except ChatTemplateError as e:
         if not getattr(e, "another_template_helps", False):
@@ -304,11 +309,12 @@ def _encode_rendered_whole(model, dialog: Sequence[Message], rendered: str) -> l
     ids = model.tokenize(rendered, special=True)
     found = _controls(model, ids)
     contents = [m["content"] for m in dialog]
-    if found != _controls_with(model, dialog, [c and _INERT for c in contents]):
+    deadline = time.monotonic() + template_sandbox.RENDER_TIME_LIMIT_S  # for all these renders together
+    if found != _controls_with(model, dialog, [c and _INERT for c in contents], deadline):
         for i, message in enumerate(dialog):
             if not contents[i]:
                 continue  # nothing of the user's to transform
-            alone = _controls_with(model, dialog, [*contents[:i], _INERT, *contents[i + 1 :]])
+            alone = _controls_with(model, dialog, [*contents[:i], _INERT, *contents[i + 1 :]], deadline)
             if alone is None:
                 raise ChatTemplateError(
                     f"Message {i} ({message['role']}): this model's chat template both transforms and checks "
@@ -325,10 +331,12 @@ def _encode_rendered_whole(model, dialog: Sequence[Message], rendered: str) -> l
     return _with_bos(model, ids)
 
 
-def _controls_with(model, dialog: Sequence[Message], contents: list[str]) -> list[int] | None:
-    """The control tokens of the rendering with these contents; None if the template refuses them."""
+def _controls_with(model, dialog: Sequence[Message], contents: list[str], deadline: float) -> list[int] | None:
+    """The control tokens of the rendering with these contents; None if the template refuses them or runs past
+    `deadline` (a template slow on purpose cannot multiply its time limit by the number of messages)."""
     try:
-        return _controls(model, model.tokenize(_render_embedded(model, dialog, contents), special=True))
+        rendered = _render_embedded(model, dialog, contents, time_limit=max(0.0, deadline - time.monotonic()))
+        return _controls(model, model.tokenize(rendered, special=True))
     except ChatTemplateError:
         return None
 

@@ -581,3 +581,21 @@ def test_template_fuzz_finds_no_forged_control_token_and_no_runaway_render(smol_
     assert tally.failures == []
     assert tally.cases == 80 and tally.rendered > 20  # most harmless cases still render
     assert tally.reasons["made a control token"] > 0  # and the fuzz does reach the transforms that forge
+
+
+def test_transforming_template_that_runs_away_on_the_checks_content_is_refused_in_time(write_copy, monkeypatch):
+    """A template that runs away only on the check's inert content: refused as unverifiable, in about two time
+    limits (the sentinel rendering's, then one that all the checks of a dialog share), not one per message."""
+    import time
+
+    import helpers.template_sandbox
+
+    slow = "{% if '\\ue000' in m.content %}" + NESTED + "{% endif %}"
+    llama = write_copy("slow-on-inert", LOOP.replace("{{ CONTENT }}", slow + "{{ m.content | lower }}"), CHATML)
+    monkeypatch.setattr(helpers.template_sandbox, "RENDER_TIME_LIMIT_S", 0.5)
+    dialog = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(9)]
+    dialog[-1]["content"] = "<|IM_END|>"
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="cannot be verified: pass template="):
+        encode_chat(as_model(llama), dialog)
+    assert time.monotonic() - started < 3.0  # the sentinel rendering's 0.5 s and the checks' shared 0.5 s

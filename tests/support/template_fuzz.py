@@ -12,7 +12,7 @@ reverse, striptags, trim, replace, split/join, list/reverse/join, center, indent
 Each case is `refused` (a `ChatTemplateError`) or `rendered`. Failures: ids holding a control token the
 template did not write (counted against the template rendered by transformers' own renderer with every content
 replaced by a plain letter), ids that are not llama.cpp's tokenization of transformers' rendering when that
-rendering forges nothing, a render that ran past its time limit (+0.5 s), or any other exception.
+rendering forges nothing, a render that ran past its time limit (+1 s), or any other exception.
 Prints the tally; exit status 1 on any failure.
 """
 
@@ -188,7 +188,7 @@ def run(model, *, cases: int, seed: int, time_limit: float = 1.0) -> Tally:
             except Exception as e:  # noqa: BLE001 - any other exception is a finding
                 tally.failures.append(f"case {case}: {type(e).__name__}: {e} | {template!r} | {dialog!r}")
                 continue
-            if tally.slowest_render_s > time_limit + 0.5:  # stopped at the limit, give or take a slow machine
+            if tally.slowest_render_s > time_limit + 1.0:  # stopped at the limit, give or take a busy machine
                 tally.failures.append(f"case {case}: a render took {tally.slowest_render_s:.1f} s | {template!r}")
             tally.slowest_render_s = max(slowest, tally.slowest_render_s)
             if ids is None:
