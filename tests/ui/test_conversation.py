@@ -177,21 +177,64 @@ def test_refusals_are_value_errors_and_an_unknown_mode_is_one():
 # --- Edit, Clear -----------------------------------------------------------------------------------------------
 
 
-def test_edit_gives_the_last_prompt_back_and_drops_its_turn():
-    c = chat(user("Say hi."), answer("Hi!"), user("Say bye."), answer("Bye!"))
-    assert c.edit() == "Say bye."
-    assert c.history == [user("Say hi."), answer("Hi!")]
-    assert c.edit() == "Say hi." and c.history == []
+def test_edit_gives_a_prompt_back_and_drops_nothing_until_it_is_sent():
+    turns = [user("Say hi."), answer("Hi!"), user("Say bye."), answer("Bye!"), user("Say why."), answer("Why?")]
+    c = chat(*turns)
+    assert c.edit() == "Say why." and c.editing == 4 and c.edit_drops == 2
+    assert c.edit(0) == "Say hi." and c.editing == 0 and c.edit_drops == 6
+    assert c.history == turns  # shown whole until the edit is sent
+    assert c.messages("Say hello.") == [SYSTEM, user("Say hello.")]  # the dialog without what it replaces
+    answered(c, "Hello!", prompt="Say hello.")
+    assert c.history == [user("Say hello."), answer("Hello!")] and c.editing is None
 
 
-def test_edit_of_a_prompt_without_its_answer_drops_only_the_prompt():
-    c = chat(user("Say hi."), answer("Hi!"), user("Say bye."))
-    assert c.edit() == "Say bye." and c.history == [user("Say hi."), answer("Hi!")]
+def test_edit_of_turn_k_keeps_the_turns_before_it():
+    turns = [user("A"), answer("a"), user("B"), answer("b"), user("C"), answer("c")]
+    c = chat(*turns)
+    assert c.edit(1) == "B" and c.edit_drops == 4
+    request = c.begin("new", "B2")
+    assert request.messages == [SYSTEM, user("A"), {"role": "assistant", "content": "a"}, user("B2")]
+    c.complete(request, "b2", "stop")
+    assert c.history == turns[:2] + [user("B2"), answer("b2")]
+
+
+def test_an_edit_that_gets_no_answer_puts_every_turn_back():
+    turns = [user("A"), answer("a"), user("B"), answer("b")]
+    c = chat(*turns)
+    c.edit(0)
+    request = c.begin("new", "A2")
+    assert c.complete(request, "  ", "stop") is False and c.history == turns
+
+
+def test_edit_can_be_cancelled_and_regenerate_ends_it():
+    turns = [user("A"), answer("a"), user("B"), answer("b")]
+    c = chat(*turns)
+    c.edit(0)
+    c.cancel_edit()
+    assert c.messages("C")[-2:] == [{"role": "assistant", "content": "b"}, user("C")]
+    c.edit(0)
+    request = c.begin("regenerate")
+    assert c.editing is None and request.messages[-1] == user("B")
+
+
+def test_edit_of_a_turn_that_is_not_there_is_refused():
+    c = chat(user("A"), answer("a"))
+    with pytest.raises(UsageError, match="no user message 3"):
+        c.edit(2)
+    assert c.editing is None
+
+
+def test_an_answer_keeps_its_figures():
+    c = chat()
+    request = c.begin("new", "Hi")
+    c.complete(request, "Hello", "stop", {"completion_tokens": 2, "finish_reason": "stop"})
+    assert c.history[-1]["stats"] == {"completion_tokens": 2, "finish_reason": "stop"}
+    assert c.messages("Bye")[-2] == {"role": "assistant", "content": "Hello"}  # the model never sees them
 
 
 def test_edit_with_nothing_to_edit_changes_nothing():
     c = chat()
-    assert c.edit() is None and c.history == []
+    assert c.edit() is None and c.history == [] and c.editing is None
 
 
 def test_clear_empties_the_turns_and_keeps_the_system_prompt():
