@@ -405,6 +405,9 @@ def _build_environment():
             return result
 
         def call_binop(self, context, operator, left, right):
+            if operator == "+" and type(left) is str and type(right) is str:  # most of a chat template's work
+                _bounded(len(left) + len(right), "`+`")
+                return left + right
             _check_deadline()
             if operator == "*":
                 for sequence, count in ((left, right), (right, left)):
@@ -417,9 +420,7 @@ def _build_environment():
                     bits = abs(left).bit_length() if isinstance(left, int) else 64
                     _bounded_int(bits * abs(right), "`**`")
             elif operator == "+":
-                if type(left) is str and type(right) is str:
-                    _bounded(len(left) + len(right), "`+`")
-                elif isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
                     _bounded(_size(left, _max_size()) + _size(right, _max_size()), "`+`")
             elif operator == "%" and isinstance(left, str):
                 _check_printf(left, right)
