@@ -302,7 +302,7 @@ def _check_token_spelling(path, meta: dict) -> None:
 
     types = meta.get("tokenizer.ggml.token_type")
     if isinstance(types, GGUFArray) and types.items is not None and kind in ("SPM", "UGM", "BPE", "WPM"):
-        for i in (i for i, t in enumerate(types.items) if t == TOKEN_TYPE_BYTE):
+        for i in (i for i, t in enumerate(types.items[: len(tokens)]) if t == TOKEN_TYPE_BYTE):
             # token_to_piece, run on every token at load (llama-vocab.cpp:3001), reads a BYTE token's value with
             # token_to_byte: WPM has no byte tokens at all, GGML_ABORT (3150) ends the process; the others read
             # text.substr(3, 2) (3142): a load error "basic_string::substr" under 3 bytes, a wrong byte above.
