@@ -50,6 +50,7 @@ _EXPORTS = {
     # the chat panel
     "build_ui": "ui.panel",
     "quant_picker": "ui.picker",
+    "fallback_note": "ui.picker",
     # quantization
     "compare_quantizations": "quantization",
     "perplexity": "quantization",
@@ -114,7 +115,7 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time the names c
     from helpers.settings import PRESETS, GenerationSettings
     from helpers.templates import available_templates, encode_chat, render_chat, template_for
     from helpers.ui.panel import build_ui
-    from helpers.ui.picker import quant_picker
+    from helpers.ui.picker import fallback_note, quant_picker
 
 
 def __getattr__(name):

@@ -195,7 +195,8 @@ PUBLIC = {
     "render_chat", "encode_chat", "available_templates", "template_for", "GenerationSettings", "PRESETS",
     "stream", "generate", "Generation", "GenerationStats",
     # widgets and quantization
-    "build_ui", "quant_picker", "compare_quantizations", "perplexity", "files_to_compare", "plot_quantizations",
+    "build_ui", "quant_picker", "fallback_note", "compare_quantizations", "perplexity", "files_to_compare",
+    "plot_quantizations",
 }  # fmt: skip
 
 

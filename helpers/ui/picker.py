@@ -22,3 +22,22 @@ def quant_picker(name: str, value: str | None = None):
         layout=w.Layout(width="90%"),
         style={"description_width": "initial"},
     )
+
+
+def fallback_note(model_path, picker=None) -> str:
+    """When `model_path` is the bundled offline model (the Hub could not be reached, or OFFLINE): a plain
+    warning that it is not the model picked, and the picker marked as not used; "" otherwise."""
+    from pathlib import Path
+
+    from helpers.files.catalogue import OFFLINE_FILENAME, OFFLINE_MODEL
+
+    if model_path is None or Path(model_path).name != OFFLINE_FILENAME:
+        return ""
+    picked = f" {picker.value}" if picker is not None else ""
+    if picker is not None:
+        picker.description, picker.disabled = "Not used (offline model)", True
+    return (
+        f"Note: this is the offline fallback {OFFLINE_MODEL} (135M parameters), not Llama 2{picked}. Its prompt "
+        "format is ChatML, not Llama 2's [INST], and its answers are far weaker: use it to try the notebook, "
+        "not to judge Llama 2."
+    )

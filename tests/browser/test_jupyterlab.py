@@ -1,7 +1,10 @@
 """End to end: JupyterLab 4 and Notebook 7 on 127.0.0.1, the notebook run in headless Chromium (Debian's package, driven by
-Playwright) with Run All, then the panel used without re-running anything: a seeded Markdown list shown as a list,
-two turns (one sent with Enter) shown in order, the answer seen growing, Regenerate, Stop mid-answer and Stop
-while a long prompt is read. Screenshots are kept in test-artifacts/."""
+Playwright) with Run All, then the panel used without re-running anything, at 1280 px: the buttons on one row and no
+sideways scrollbar, a seeded Markdown list shown as a list, turns sent with Generate and with Enter, the first of
+three turns edited, each answer's own figures, typing at 5 ms per key then Enter at once (three times, and once
+while another cell keeps the kernel busy) sending the whole text and emptying the box, a pasted three-line prompt
+shown with its line breaks, a 200-character word kept inside its bubble, the answer seen growing, Regenerate, Stop
+mid-answer and Stop while a long prompt is read. Screenshots are kept in test-artifacts/ (ignored by git)."""
 
 import json
 import os
@@ -34,6 +37,10 @@ def free_port():
 
 
 SEEDED_ANSWER = "Three fruits:\n\n- apple\n- **pear**\n- plum"
+BUSY_CELL = "import time\ntime.sleep(8 if globals().get('BUSY_RAN') else 0)\nBUSY_RAN = True"
+FAST_QUESTIONS = ["What is the capital of France?", "Hello! Who are you?", "What is 2+2?"]
+PASTED = "Fix this code:\ndef add(a, b):\n    return a - b"
+LONG_WORD = "Pneumonoultramicroscopicsilicovolcanoconiosis" * 4 + "x" * 20  # 200 characters
 APPS = {"jupyterlab": ("lab", "lab/tree"), "notebook7": ("notebook", "notebooks")}
 
 
@@ -47,6 +54,8 @@ def lab(request, tmp_path):
     # A conversation seeded through the panel's public API, as the last cell of Run All.
     seeded = [{"role": "user", "content": "List three fruits."}, {"role": "assistant", "content": SEEDED_ANSWER}]
     nb.cells.append(nbformat.v4.new_code_cell(f"helpers.ui.live_panel(model).history = {seeded!r}"))
+    # A cell that keeps the kernel busy when run again (Run All runs it once, at once).
+    nb.cells.append(nbformat.v4.new_code_cell(BUSY_CELL))
     nbformat.write(nb, tmp_path / "llama2_textgen.ipynb")
     (tmp_path / "helpers").symlink_to(ROOT / "helpers")
     port, token = free_port(), secrets.token_hex(16)
@@ -117,7 +126,15 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
                 "--disable-sync",
             ],
         )
-        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        context = browser.new_context(viewport={"width": 1280, "height": 1600})
+        context.grant_permissions(
+            ["clipboard-read", "clipboard-write"], origin=url.split("/lab")[0].split("/notebooks")[0]
+        )
+        page = context.new_page()
+        errors = []
+        page.on(
+            "console", lambda m: errors.append(m.text) if m.type == "error" and "widget" in m.text.lower() else None
+        )
         page.goto(url)
         page.locator(".jp-Notebook .jp-Cell").first.wait_for(timeout=90_000)
         select_kernel = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
@@ -131,22 +148,35 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
 
         prompt = page.get_by_placeholder("Ask something...")
         try:
-            prompt.wait_for(timeout=120_000)
-            # the seeded conversation (the last cell) is there: Run All has ended
-            page.locator(".llama2-textgen-transcript li").first.wait_for(timeout=120_000)
+            prompt.wait_for(timeout=600_000)  # Run All on a busy 2-core machine
+            # the seeded conversation (the last cell but one) is there: Run All has ended
+            page.locator(".llama2-textgen-transcript li").first.wait_for(timeout=300_000)
         except PlaywrightTimeout:
             page.screenshot(path=str(ARTIFACTS / f"{app}-panel-missing.png"), full_page=True)
             raise
+        wait_for_idle_kernel(sessions_url)
         prompt.scroll_into_view_if_needed()
+        panel = page.locator(".llama2-textgen-panel")
         transcript = page.locator(".llama2-textgen-transcript")
         stats = page.locator(".llama2-textgen-stats")
+        note = page.locator(".llama2-textgen-note")
         # A Markdown list is shown as a list, raw markup gone; the line for a saved copy is hidden while live.
         assert transcript.locator("ul > li").all_inner_texts() == ["apple", "pear", "plum"]
         assert transcript.locator("li strong").inner_text() == "pear"
         assert page.locator(".llama2-textgen-reopen").first.is_hidden()
+        assert "offline fallback" in page.locator(".llama2-textgen-header").inner_text()
 
         def button(title):  # a widget button's title is its tooltip, or else its text
-            return page.locator(f"button.jupyter-button[title='{title}']")
+            return panel.locator(f"button.jupyter-button[title='{title}']")
+
+        # The buttons on one row at 1280 px, and nothing wider than its place (no sideways scrollbar).
+        row = panel.locator(".widget-hbox", has=button("Generate")).first
+        tops = {round(b.bounding_box()["y"]) for b in row.locator("> *").all()}
+        assert len(tops) == 1, tops
+        assert not too_wide(panel), too_wide(panel)
+
+        def users():
+            return transcript.locator(".l2t-user .l2t-text").all_inner_texts()
 
         def messages():
             return [
@@ -167,20 +197,81 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         # Turn 1 with the Generate button, turn 2 with Enter: both shown after the seeded turn, in order.
         prompt.fill("Name a river.")
         button("Generate").click()
-        first_stats = wait_for_finish("")
+        last = wait_for_finish("")
+        if app == "jupyterlab" or app == "notebook7":  # ipywidgets 8: the keyboard is back in the box
+            assert prompt.evaluate("e => document.activeElement === e")
         prompt.fill("Name a mountain.")
         prompt.press("Enter")
-        second_stats = wait_for_finish(first_stats)
+        last = wait_for_finish(last)
         shown = messages()
         assert [role for role, _ in shown] == ["user", "assistant"] * 3, shown
-        assert ["Name a river." in shown[2][1], "Name a mountain." in shown[4][1]] == [True, True], shown
+        assert users() == ["List three fruits.", "Name a river.", "Name a mountain."]
         assert prompt.input_value() == ""
+        # Each new answer shows its own figures under it (the seeded one has none).
+        figures = transcript.locator(".l2t-answer-stats")
+        assert figures.count() == 2 and all("tokens" in t for t in figures.all_inner_texts())
+        assert figures.last.is_visible()
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-conversation.png"), full_page=False)
 
+        # Edit the first of the three turns: the note says what sending drops; then one turn, the new one.
+        row.locator("select").select_option(index=0)
+        button("Edit: the chosen message back in the box").click()
+        assert prompt.input_value() == "List three fruits."
+        note.filter(has_text="drops the 5 messages after it").wait_for(timeout=10_000)
+        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-editing.png"), full_page=False)
+        prompt.fill("List three vegetables.")
+        prompt.press("Enter")
+        last = wait_for_finish(last)
+        assert users() == ["List three vegetables."] and len(messages()) == 2
+
+        # Typing at 5 ms per key, then Enter at once: the whole text is sent and the box is empty, three times.
+        for question in FAST_QUESTIONS:
+            prompt.press_sequentially(question, delay=5)
+            prompt.press("Enter")
+            last = wait_for_finish(last)
+            assert users()[-1] == question and prompt.input_value() == "", (users(), prompt.input_value())
+        # ... and while another cell keeps the kernel busy for 8 s: the prompt waits, neither lost nor cut.
+        busy_cell = page.locator(".jp-Cell", has_text="BUSY_RAN = True").last
+        busy_cell.locator(".cm-content").click()
+        page.keyboard.press("Control+Enter")
+        page.locator(".jp-Cell", has_text="BUSY_RAN = True").last.locator(".jp-InputPrompt", has_text="*").wait_for(
+            timeout=10_000
+        )
+        prompt.click()
+        prompt.press_sequentially("And what is the capital of Spain?", delay=5)
+        prompt.press("Enter")
+        last = wait_for_finish(last, timeout=180)
+        assert users()[-1] == "And what is the capital of Spain?" and prompt.input_value() == ""
+        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-fast-typing.png"), full_page=False)
+
+        # A pasted three-line prompt keeps its line breaks, in the box and in the conversation.
+        page.evaluate("text => navigator.clipboard.writeText(text)", PASTED)
+        prompt.click()
+        page.keyboard.press("Control+V")
+        assert prompt.input_value() == PASTED
+        prompt.press("End")
+        prompt.press("Control+End")
+        prompt.press("Enter")
+        last = wait_for_finish(last)
+        assert users()[-1] == PASTED and prompt.input_value() == ""
+        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-pasted.png"), full_page=False)
+
+        # A 200-character word stays inside its own bubble: every message in view, no sideways scrolling.
+        prompt.fill(f"Spell this word backwards: {LONG_WORD}")
+        prompt.press("Enter")
+        last = wait_for_finish(last)
+        chat = transcript.locator(".l2t-chat").bounding_box()
+        for bubble in transcript.locator(".l2t-msg").all():
+            box = bubble.bounding_box()
+            assert chat["x"] <= box["x"] and box["x"] + box["width"] <= chat["x"] + chat["width"] + 1, (box, chat)
+        assert not too_wide(panel), too_wide(panel)
+        page.screenshot(path=str(ARTIFACTS / f"{app}-panel-long-word.png"), full_page=False)
+
         # Regenerate: a new answer to the last prompt, in place of the old one.
-        button("a new answer").click()
-        wait_for_finish(second_stats)
-        assert [role for role, _ in messages()] == ["user", "assistant"] * 3
+        count = len(messages())
+        button("Regenerate: a new answer").click()
+        last = wait_for_finish(last)
+        assert len(messages()) == count
 
         # Stop mid-answer: more tokens than the notebook's default, so there is time to press Stop.
         page.get_by_text("Settings: system prompt").click()
@@ -189,7 +280,7 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         max_tokens.press("Enter")
         prompt.fill("Write a long story about a cat who learns to sail.")
         prompt.press("Enter")
-        answer = transcript.locator(".l2t-msg").nth(7)
+        answer = transcript.locator(".l2t-msg").nth(count + 1)
         lengths = []
         deadline = time.time() + 90
         while time.time() < deadline and len(lengths) < 4:
@@ -200,10 +291,11 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-mid-answer.png"), full_page=False)
         assert len(lengths) >= 3 and lengths == sorted(lengths), lengths  # seen growing in the page
         button("Stop").click()
-        stopped = wait_for_finish(second_stats)
+        stopped = wait_for_finish(last)
         assert "finish: cancelled" in stopped
         assert "stopped" in transcript.locator(".l2t-finish").last.inner_text()
-        assert button("Generate").is_enabled()
+        assert button("Generate").is_enabled() and button("Stop").is_disabled()
+        assert float(button("Stop").evaluate("e => getComputedStyle(e).opacity")) < 0.6  # looks disabled
 
         # Stop while a long prompt is read: the progress is shown, and Stop works.
         prompt.fill("Summarise: " + "The tide rises and falls twice a day along the coast. " * 150)
@@ -215,4 +307,17 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         assert prompt.input_value().startswith("Summarise")  # the question is back in the box
         transcript.scroll_into_view_if_needed()
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-final.png"), full_page=False)
+        assert errors == [], errors
         browser.close()
+
+
+def too_wide(panel):
+    """The panel and the output area around it, where their content is wider than they are (a scrollbar)."""
+    return panel.evaluate(
+        """e => { const wide = [];
+        for (let n = e; n && !n.classList.contains('jp-Cell'); n = n.parentElement) {
+            if (n.scrollWidth > n.clientWidth + 1 && getComputedStyle(n).overflowX !== 'visible')
+                wide.push(n.className + ' ' + n.scrollWidth + '>' + n.clientWidth);
+        }
+        return wide; }"""
+    )

@@ -14,7 +14,7 @@ import pytest
 
 from helpers.generation import generate
 from helpers.settings import PRESETS, GenerationSettings
-from helpers.ui import build_ui, quant_picker
+from helpers.ui import build_ui, fallback_note, quant_picker
 from helpers.ui.markdown import render_markdown
 
 
@@ -69,6 +69,7 @@ def squash(text):
 def panel(smol):
     ui = build_ui(smol, system_prompt="You are a helpful assistant.")
     p = ui.panel
+    p.clear()  # the panel of the test before hands its conversation over (re-running the cell): start afresh
     p.controls["max_tokens"].value = 40
     p.seed.value = "5"
     p.cache_prompt.value = False  # each answer comparable token for token with a fresh generate()
@@ -87,6 +88,20 @@ def send(p, text):
     finish(p)
 
 
+def browser_sends(p, value):
+    """The message the browser sends when the prompt box's text changes (ipywidgets 7 and 8 alike)."""
+    p.prompt._handle_msg(
+        {"content": {"data": {"method": "update", "state": {"value": value}, "buffer_paths": []}}, "buffers": []}
+    )
+
+
+def wait_for_thread(p, timeout=10):
+    deadline = time.time() + timeout
+    while p.thread is None:
+        assert time.time() < deadline, "no generation started"
+        time.sleep(0.01)
+
+
 # --- generating -----------------------------------------------------------------------------------
 
 
@@ -94,8 +109,10 @@ def test_generate_streams_the_same_answer_as_the_core(panel, smol):
     panel.prompt.value = "Name three rivers."
     panel.generate_button.click()
     assert panel.generate_button.disabled and not panel.stop_button.disabled
+    assert panel.stop_button.button_style == "warning"
     assert panel.prompt.value == ""  # the question moved into the conversation at once
     finish(panel)
+    assert panel.stop_button.disabled and panel.stop_button.button_style == ""  # grey, not an orange button
     expected = generate(
         smol,
         [
@@ -110,10 +127,14 @@ def test_generate_streams_the_same_answer_as_the_core(panel, smol):
     # the answer as rendered Markdown: its words, in order, without the markup
     assert squash(messages_shown(panel)[1][1]).startswith(squash(re.sub(r"[*#`_]", "", expected.text))[:30])
     assert "tokens/s" in panel.stats.value and panel.error.value == ""
+    stats = panel.last_stats
+    (under,) = Tree(panel.transcript.value).of_class("l2t-answer-stats")  # the answer's own figures, under it
+    assert f"{stats.completion_tokens} tokens · {stats.tokens_per_second:.1f} tokens/s" in under[2]
+    assert panel.history[-1]["stats"]["completion_tokens"] == stats.completion_tokens
     assert not panel.generate_button.disabled and panel.stop_button.disabled
     stats = panel.last_stats
     assert panel.context_bar.value == stats.prompt_tokens + stats.completion_tokens
-    assert panel.context_bar.max == smol.n_ctx() == panel.controls["max_tokens"].max
+    assert panel.context_bar.max == smol.n_ctx() == panel.controls["max_tokens"].range[1]
 
 
 def test_the_conversation_grows_in_batches_and_in_order(panel):
@@ -164,13 +185,54 @@ def test_two_turns_in_order_and_the_follow_up_uses_the_history(panel, smol):
     assert panel.last_stats.prompt_tokens > len(smol.tokenize(first_answer))
 
 
-def test_enter_in_the_prompt_box_sends(panel):
-    """The message the browser sends when Enter is pressed in a Text box (ipywidgets 7 and 8 alike)."""
-    panel.prompt.value = "Say hi."
-    panel.prompt._handle_msg({"content": {"data": {"method": "custom", "content": {"event": "submit"}}}, "buffers": []})
-    assert panel.thread is not None
+def test_enter_in_the_prompt_box_sends_the_whole_text(panel):
+    """Fast typing: the browser merges keystrokes into fewer updates; Enter's line break comes last, with them."""
+    for value in ("W", "What is the capital of Fr", "What is the capital of France?\n"):
+        browser_sends(panel, value)
+    assert panel.thread is not None and panel.prompt.value == ""
+    browser_sends(panel, "What is the capital of France?\nAnd wh")  # typed after Enter, before the box emptied
+    assert panel.prompt.value == "And wh"
     finish(panel)
-    assert [m["role"] for m in panel.history] == ["user", "assistant"] and panel.history[0]["content"] == "Say hi."
+    assert [m["role"] for m in panel.history] == ["user", "assistant"]
+    assert panel.history[0]["content"] == "What is the capital of France?"
+
+
+def test_a_pasted_multi_line_prompt_keeps_its_line_breaks_token_for_token(panel, smol):
+    panel.cache_prompt.value = True  # the KV cache then holds the prompt's tokens, to compare
+    pasted = "Fix this code:\ndef add(a, b):\n    return a - b"
+    browser_sends(panel, pasted)  # a paste: one update with all its lines
+    assert panel.thread is None and panel.prompt.value == pasted
+    browser_sends(panel, pasted + "\n")  # then Enter
+    finish(panel)
+    assert panel.history[0]["content"] == pasted
+    expected = smol.encode_chat([{"role": "system", "content": "You are a helpful assistant."}, panel.history[0]])
+    assert smol.cached_tokens()[: panel.last_stats.prompt_tokens] == expected
+    (text,) = Tree(panel.transcript.value).of_class("l2t-text")
+    assert text[2] == pasted  # shown with its line breaks (the bubble keeps them: white-space: pre-wrap)
+
+
+def test_enter_types_a_line_break_when_switched_and_generate_sends(panel):
+    panel.newline_mode.value = True
+    browser_sends(panel, "First line\n")
+    browser_sends(panel, "First line\nSecond line")
+    assert panel.thread is None and panel.prompt.value == "First line\nSecond line"
+    panel.generate_button.click()  # right after the browser sent the text: read once the box is quiet
+    browser_sends(panel, "First line\nSecond line!")  # the last letter, held back by the front end
+    wait_for_thread(panel)
+    finish(panel)
+    assert panel.history[0]["content"] == "First line\nSecond line!" and panel.prompt.value == ""
+
+
+def test_enter_while_an_answer_is_written_keeps_the_prompt(panel):
+    panel.controls["max_tokens"].value = 200
+    panel.prompt.value = "Count from one to fifty, in words."
+    panel.generate_button.click()
+    browser_sends(panel, "Next question\n")
+    assert panel.prompt.value == "Next question" and "press Enter again" in panel.note.value
+    finish(panel)
+    browser_sends(panel, "Next question\n")
+    finish(panel)
+    assert [m["content"] for m in panel.history[::2]] == ["Count from one to fifty, in words.", "Next question"]
 
 
 def test_stop_while_the_prompt_is_read(panel):
@@ -227,7 +289,7 @@ def test_error_inside_generation_keeps_the_conversation(panel):
 
 def test_regenerate_replaces_the_last_answer(panel, smol):
     send(panel, "Name a colour.")
-    first, dialog = panel.history[-1]["content"], panel.messages()[:1] + panel.history[:1]
+    first, dialog = panel.history[-1]["content"], panel.messages()[:1] + panel.messages()[1:2]
     panel.regenerate_button.click()
     finish(panel)
     assert [m["role"] for m in panel.history] == ["user", "assistant"]
@@ -260,7 +322,7 @@ def test_continue_extends_a_cut_answer(panel, smol):
     assert panel.last_stats.completion_tokens > 1
     # Greedy decoding: 12 + 12 tokens continue as one answer of 24 would (the answer text, re-encoded, is the
     # same tokens the model produced; batched evaluation can round differently, so compare the start).
-    dialog = panel.messages()[:1] + panel.history[:1]
+    dialog = panel.messages()[:2]
     whole = generate(smol, dialog, panel.settings().replace(max_tokens=24))
     assert longer[: len(cut["content"]) + 8] == whole.text[: len(cut["content"]) + 8]
 
@@ -290,9 +352,55 @@ def test_continue_prompt_is_the_turn_left_open(llama2_tiny_path):
 def test_edit_puts_the_last_prompt_back(panel):
     send(panel, "Say hi.")
     send(panel, "Say bye.")
+    panel.edit_button.click()  # the chooser starts at the last message
+    assert panel.prompt.value == "Say bye." and len(panel.history) == 4
+    assert "sending replaces it and drops the 1 message after it." in panel.note.value
+    assert Tree(panel.transcript.value).of_class("l2t-editing")[0][2].startswith("You (editing)")
+    panel.edit_button.click()  # again: keep it as it is
+    assert panel.conversation.editing is None and not Tree(panel.transcript.value).of_class("l2t-editing")
+
+
+def test_edit_turn_k_of_n_replaces_it_and_reuses_the_cache_before_it(panel, smol):
+    panel.cache_prompt.value = True
+    for question in ("My name is Ada.", "Name a colour.", "Name a fruit."):
+        send(panel, question)
+    first_two = panel.history[:2]
+    assert [label for label, _ in panel.edit_choice.options][1] == "2: Name a colour."
+    panel.edit_choice.value = panel.edit_choice.options[1][1]
     panel.edit_button.click()
-    assert panel.prompt.value == "Say bye." and len(panel.history) == 2
-    assert [squash(t) for _, t in messages_shown(panel)][0] == "Say hi."
+    assert panel.prompt.value == "Name a colour." and "drops the 3 messages after it" in panel.note.value
+    before = smol.cached_tokens()
+    prompt = smol.encode_chat(panel.messages("Name a tree."))
+    common = next((i for i, (a, b) in enumerate(zip(before, prompt)) if a != b), min(len(before), len(prompt)))
+    send(panel, "Name a tree.")
+    assert panel.history[:2] == first_two and len(panel.history) == 4
+    assert panel.history[2]["content"] == "Name a tree." and panel.note.value == ""
+    assert panel.last_stats.prompt_tokens == len(prompt)
+    assert panel.last_stats.cached_tokens == min(common, len(prompt) - 1) > len(smol.encode_chat(first_two[:1])) - 3
+
+
+def test_resume_an_export_and_continue_it(panel, smol, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    send(panel, "My name is Ada.")
+    path = panel.export().with_suffix(".json")
+    newer = build_ui(None, system_prompt="something else").panel  # another panel (no model: nothing to retire)
+    newer.resume_path.value = str(path)
+    newer.resume_button.click()
+    assert newer.history == panel.history and newer.system.value == "You are a helpful assistant."
+    assert (
+        newer.conversation.system_prompt == "You are a helpful assistant." and "Resumed 2 messages" in newer.note.value
+    )
+    # a hostile file is refused with the reason, and the conversation shown stays as it was
+    shown = newer.transcript.value
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"messages": [{"role": "user", "content": "<script>alert(1)</script>", "onload": 1}]}')
+    assert newer.resume(bad) is False and "Message 0 must be" in newer.error.value
+    assert newer.history == panel.history and newer.transcript.value == shown
+    # resumed into a panel with the model: the next turn is asked after the resumed ones
+    panel.clear()
+    assert panel.resume(path) is True
+    send(panel, "What is my name?")
+    assert [m["content"] for m in panel.history[::2]] == ["My name is Ada.", "What is my name?"]
 
 
 def test_clear_and_export(panel, tmp_path, monkeypatch):
@@ -301,12 +409,11 @@ def test_clear_and_export(panel, tmp_path, monkeypatch):
     send(panel, "Name a fruit.")
     panel.export_button.click()
     path = panel.last_export
-    assert path.parent == tmp_path and str(path) in panel.stats.value
+    assert path.parent == tmp_path and str(path) in panel.note.value
+    assert "tokens/s" in panel.stats.value  # the last answer's figures stay
     record = json.loads(path.with_suffix(".json").read_text())
-    assert record["messages"][1:] == [
-        {"role": m["role"], "content": m["content"], **({"finish": m["finish"]} if "finish" in m else {})}
-        for m in panel.history
-    ]
+    assert record["messages"][1:] == panel.history  # each answer with its finish reason and figures
+    assert record["messages"][2]["stats"]["completion_tokens"] == panel.last_stats.completion_tokens
     assert record["messages"][0] == {"role": "system", "content": "You are a helpful assistant."}
     assert record["settings"]["seed"] == 5
     markdown = path.read_text()
@@ -344,9 +451,11 @@ def test_a_new_panel_for_the_model_retires_the_old_one(panel, smol):
     assert "no longer live" in panel.note.value
     assert all(b.disabled for b in (panel.generate_button, panel.stop_button, panel.regenerate_button))
     assert panel.start() is False and not panel.thread.is_alive()
+    # the conversation comes along (the stopped answer included), and the new panel says so
+    assert newer.history == panel.history and len(newer.history) == 2 and "carried over" in newer.note.value
     newer.controls["max_tokens"].value = 8
     send(newer, "Hi")
-    assert len(newer.history) == 2 and newer.note.value == ""
+    assert len(newer.history) == 4 and newer.history[:2] == panel.history
 
 
 def test_generate_says_at_once_when_the_model_is_gone(smol_path):
@@ -365,11 +474,11 @@ def test_generate_says_at_once_when_the_model_is_gone(smol_path):
 
 def test_controls_are_bounded_and_labelled(panel, smol):
     max_tokens = panel.controls["max_tokens"]
-    assert (max_tokens.description, max_tokens.min, max_tokens.max) == ("Max new tokens", 1, smol.n_ctx())
+    assert (max_tokens.description, max_tokens.range) == ("Max new tokens", (1, smol.n_ctx()))
     max_tokens.value = 0
-    assert max_tokens.value == 1
+    assert max_tokens.value == 1 and "Max new tokens: 0 is outside 1 to 4,096; set to 1." in panel.note.value
     max_tokens.value = 10**6
-    assert max_tokens.value == smol.n_ctx()
+    assert max_tokens.value == smol.n_ctx() and "1,000,000 is outside" in panel.note.value
     assert panel.controls["top_p"].min > 0  # top p = 0 is not allowed
     assert (panel.system.description, panel.stop_strings.description) == ("System prompt", "Stop strings")
     assert panel.stop_button.description == "Stop" and panel.stop_strings.description != "Stop"
@@ -419,6 +528,27 @@ def test_a_saved_notebook_shows_a_line_before_the_widget():
     assert "Run the cells" in first["text/html"] and "application/vnd.jupyter.widget-view+json" not in first
     assert second["application/vnd.jupyter.widget-view+json"]["model_id"] == widget.model_id
     assert ".llama2-textgen-reopen {display: none}" in widget.panel.transcript.value  # hidden while live
+
+
+def test_the_header_names_the_model_and_the_offline_fallback(panel, smol_path):
+    assert smol_path.name in panel.header.value and "offline fallback" in panel.header.value
+    assert "(no model)" in build_ui(None).panel.header.value
+
+
+def test_the_system_prompt_is_shown_on_top_and_edited_in_one_place(panel):
+    system = Tree(panel.transcript.value).of_class("l2t-system")
+    assert system[0][2] == "System prompt: You are a helpful assistant."
+    panel.system.value = "Answer in French. " * 10  # long: one line, the rest unfolded on a click
+    (details,) = Tree(panel.transcript.value).tags("details")
+    assert panel.messages("Hi")[0]["content"] == "Answer in French. " * 10
+    assert Tree(panel.transcript.value).tags("summary")[0][2].endswith("…")
+
+
+def test_quant_picker_says_when_the_offline_model_is_used(smol_path):
+    picker = quant_picker("llama-2-7b-chat")
+    assert fallback_note("/models/llama-2-7b-chat.Q4_K_M.gguf", picker) == "" and not picker.disabled
+    note = fallback_note(smol_path, picker)
+    assert "offline fallback" in note and "Q4_K_M" in note and "ChatML" in note and picker.disabled
 
 
 def test_quant_picker_labels_sizes():
