@@ -19,7 +19,14 @@ server-task.cpp in the llama.cpp that llama-cpp-python 0.3.35 vendors):
   completion-token count exact even when a token's text is held back (half a UTF-8 character, the start
   of a stop string). `return_progress: true` reports prompt progress, with the tokens reused from the
   server's prompt cache. Servers that ignore those fields still work: one chunk of text, one token.
-- A stop closes the connection: llama-server notices at its next token and frees the slot.
+- A stop closes the connection: llama-server notices at its next token and frees the slot. The socket is shut
+  down from the stopping thread, so a stop also ends a wait on a server that went silent.
+- Deadlines (`helpers.engine.http.Exchange`): every other request must end, connect to last byte, within
+  `connect(..., timeout=)`; a completion must connect within it, and end within `stream_timeout` when one is
+  given (a queued request can wait long for a slot, so by default it waits). `max_tokens` is enforced here
+  too: a server that claims or sends more tokens than asked is cut off at `max_tokens`.
+- What a server sends is bounded (events 4 MiB, JSON 64 levels deep, answers 64 MiB) and every message is
+  scrubbed of the API key and the URL's userinfo (`helpers.errors.scrub`), whatever the server echoes.
 
 Servers that take text only (Ollama, LM Studio, llama-cpp-python's `llama_cpp.server`) are refused unless
 `connect(url, prompts="text")` opts in: then the rendered prompt goes as text, after the checks in
@@ -37,24 +44,25 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers.engine.backend import PromptProgress, SampledToken
-from helpers.engine.http import DEFAULT_TIMEOUT, Endpoint, error_message, json_lines, reason, sse_events
+from helpers.engine.http import DEFAULT_TIMEOUT, Endpoint, Exchange, error_message, json_lines, reason, sse_events
 from helpers.engine.model import Model
 from helpers.engine.text_prompts import check_messages, check_server_reading, prompt_text, server_tokens
 from helpers.engine.tokenizers import LocalTokenizer, ServerTokenizer
 from helpers.errors import (
+    HelpersError,
     ServerAuthError,
     ServerError,
     ServerResponseError,
     ServerUnavailableError,
     TokenPromptsUnsupportedError,
     UsageError,
+    scrubbed,
 )
 from helpers.settings import GenerationSettings
 
@@ -81,16 +89,25 @@ class RemoteBackend:
 
     path = "/v1/completions"
 
-    def __init__(self, endpoint: Endpoint, model_id: str, tokenizer, n_ctx: int, *, prompts: str = "tokens"):
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        model_id: str,
+        tokenizer,
+        n_ctx: int,
+        *,
+        prompts: str = "tokens",
+        stream_timeout: float | None = None,
+    ):
         self.endpoint, self.model_id, self.prompts = endpoint, model_id, prompts
+        self.stream_timeout = stream_timeout  # seconds a whole completion may take; None: as long as it needs
         self._tokenizer = tokenizer
         self._n_ctx = n_ctx
         self.metadata = tokenizer.metadata
         self.add_bos = tokenizer.add_bos
         self.last_usage = Usage()
         self._lock = threading.Lock()
-        self._connection: http.client.HTTPConnection | None = None
-        self._interrupted = False
+        self._exchange: Exchange | None = None  # the completion under way
 
     def n_ctx(self) -> int:
         return self._n_ctx
@@ -145,56 +162,58 @@ class RemoteBackend:
         }
 
     def interrupt(self) -> None:
-        """Close the stream: a blocked read returns at once, and the server stops at its next token."""
+        """Close the stream (from any thread): a blocked read returns at once, and the server stops at its next
+        token."""
         with self._lock:
-            self._interrupted = True
-            if self._connection is not None and self._connection.sock is not None:
-                try:
-                    self._connection.sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            if self._exchange is not None:
+                self._exchange.stop()
 
     def complete(
         self, prompt: Sequence[int], settings: GenerationSettings, seed: int, cancel: threading.Event
     ) -> Iterator[PromptProgress | SampledToken]:
         prompt = list(prompt)
         self.last_usage = usage = Usage()
-        with self._lock:
-            self._interrupted = False
-        if cancel.is_set():
-            return
         request = self.request(prompt, settings, seed)
-        connection, response = self.endpoint.open("POST", self.path, request, wait=True)
+        limit = f"the stream_timeout of {self.stream_timeout:g} s" if self.stream_timeout else ""
+        exchange = Exchange(self.endpoint, self.stream_timeout, limit)
         with self._lock:
-            self._connection = connection
-        stopped = threading.Event()
+            self._exchange = exchange
+        if cancel.is_set():  # cancelled before the exchange could be stopped
+            exchange.stop()
         try:
-            yield from self._events(response, prompt, usage, cancel, stopped)
-        except (OSError, http.client.HTTPException, ServerResponseError) as error:
-            if stopped.is_set() or cancel.is_set() or self._interrupted:
+            response = exchange.open("POST", self.path, request)
+            yield from self._events(response, prompt, usage, cancel, exchange, settings.max_tokens)
+        except (OSError, http.client.HTTPException, ServerError) as error:
+            if exchange.ended == "stop" or cancel.is_set():
                 return  # the stream was closed on purpose: whatever the read saw then is no error
-            if isinstance(error, ServerResponseError):
-                raise
-            raise ServerResponseError(
-                f"The connection to {self.endpoint.base_url} broke in the middle of the answer "
-                f"({reason(error)}). The server may have stopped or restarted; try again."
+            if exchange.ended == "deadline":
+                raise exchange.expired() from None
+            if isinstance(error, ServerError):
+                raise scrubbed(error, self.endpoint.secrets) from None
+            raise scrubbed(
+                ServerResponseError(
+                    f"The connection to {self.endpoint.base_url} broke in the middle of the answer "
+                    f"({reason(error)}). The server may have stopped or restarted; try again."
+                ),
+                self.endpoint.secrets,
             ) from None
         finally:
             with self._lock:
-                self._connection = None
-            connection.close()
+                self._exchange = None
+            exchange.close()
 
-    def _events(self, response, prompt, usage: Usage, cancel: threading.Event, stopped: threading.Event):
-        """Events of one streamed completion, one `SampledToken` per generated token. A token that comes
-        without text is held until the next chunk: if the stream then ends with llama-server's "eos", it was
-        the end-of-generation token (not counted, as in the in-process path); otherwise an ordinary one."""
+    def _events(self, response, prompt, usage: Usage, cancel: threading.Event, exchange: Exchange, max_tokens: int):
+        """Events of one streamed completion, one `SampledToken` per generated token, `max_tokens` at most. A
+        token that comes without text is held until the next chunk: if the stream then ends with llama-server's
+        "eos", it was the end-of-generation token (not counted, as in the in-process path); otherwise an
+        ordinary one. More tokens than `max_tokens` (claimed by the count, or sent) end the stream there."""
         total = len(prompt)
         decoded = 0  # tokens the server says it has generated (when it says: llama-server's __verbose)
+        counted = 0  # tokens handed on or held
         held: SampledToken | None = None
         progressed = False
         for event in sse_events(response):
-            if cancel.is_set() or self._interrupted:
-                stopped.set()
+            if _stopped(cancel, exchange):
                 return
             if event is None:  # data: [DONE]
                 break
@@ -206,7 +225,7 @@ class RemoteBackend:
             if isinstance(event.get("prompt_progress"), dict):
                 p = event["prompt_progress"]
                 progressed = True
-                yield PromptProgress(int(p.get("processed", 0)), int(p.get("total", total)), int(p.get("cache", 0)))
+                yield PromptProgress(_count(p, "processed", 0), _count(p, "total", total), _count(p, "cache", 0))
                 continue
             choices = event.get("choices")
             if not isinstance(choices, list):
@@ -223,10 +242,13 @@ class RemoteBackend:
             details = event["__verbose"] if isinstance(event.get("__verbose"), dict) else {}
             finish = choice.get("finish_reason")
             count = details.get("tokens_predicted")
-            if finish is None and isinstance(count, int):
-                new, decoded = count - decoded, count
+            if finish is None and isinstance(count, int) and not isinstance(count, bool):
+                new, decoded = max(0, count - decoded), max(count, decoded)
             else:
                 new = 1 if text else 0  # one chunk of text, one token
+            over = finish is None and new > max_tokens - counted
+            new = min(new, max_tokens - counted) if finish is None else new
+            counted += new
             if new and held is not None:
                 yield held
                 held = None
@@ -234,11 +256,17 @@ class RemoteBackend:
                 yield SampledToken(-1, b"", False)
             if new:
                 ids = details.get("tokens") or [-1]
-                token = SampledToken(int(ids[-1]), text.encode("utf-8"), False)
+                token = SampledToken(_token_id(ids), text.encode("utf-8"), False)
                 if text:
                     yield token
                 else:
                     held = token
+            if over:  # more than asked for: the answer ends at max_tokens, the stream is closed
+                if held is not None:
+                    yield held
+                usage.finish_reason = "length"
+                exchange.stop()
+                return
             if finish is None:
                 continue
             usage.finish_reason = finish
@@ -250,7 +278,7 @@ class RemoteBackend:
                 if finish == "stop":
                     yield SampledToken(-1, b"", True)
             held = None
-        if usage.finish_reason is None and not (cancel.is_set() or self._interrupted):
+        if usage.finish_reason is None and not _stopped(cancel, exchange):
             raise ServerResponseError(
                 "The server ended the stream without finishing the answer (no finish_reason): it may have "
                 "crashed or restarted. Try again."
@@ -259,6 +287,25 @@ class RemoteBackend:
     def close(self) -> None:
         self.interrupt()
         self._tokenizer.close()
+
+
+def _stopped(cancel: threading.Event, exchange: Exchange) -> bool:
+    """True when the stream was stopped on purpose; at its deadline, the timeout error."""
+    if exchange.ended == "deadline":
+        raise exchange.expired()
+    return cancel.is_set() or exchange.ended == "stop"
+
+
+def _count(data: dict, key: str, default: int) -> int:
+    """A count the server reported, or `default` when it is not a non-negative integer."""
+    value = data.get(key, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
+def _token_id(ids) -> int:
+    """The last id of llama-server's `__verbose.tokens`, or -1 when it is not an integer list."""
+    last = ids[-1] if isinstance(ids, list) and ids else -1
+    return last if isinstance(last, int) and not isinstance(last, bool) else -1
 
 
 def _read_usage(usage: Usage, event: dict) -> None:
@@ -304,13 +351,12 @@ class OllamaBackend(RemoteBackend):
             "options": options,
         }
 
-    def _events(self, response, prompt, usage: Usage, cancel: threading.Event, stopped: threading.Event):
+    def _events(self, response, prompt, usage: Usage, cancel: threading.Event, exchange: Exchange, max_tokens: int):
         """One `SampledToken` per line with text (Ollama sends no ids, and no line for a token whose text is held
-        back), the end-of-generation after a "stop"."""
-        total, progressed = len(prompt), False
+        back), the end-of-generation after a "stop"; at most `max_tokens`."""
+        total, progressed, counted = len(prompt), False, 0
         for line in json_lines(response):
-            if cancel.is_set() or self._interrupted:
-                stopped.set()
+            if _stopped(cancel, exchange):
                 return
             if "error" in line:
                 raise ServerResponseError(f"The server reported an error in the middle of the answer: {line['error']}")
@@ -320,7 +366,12 @@ class OllamaBackend(RemoteBackend):
             text = line.get("response") or ""
             if not isinstance(text, str):
                 raise ServerResponseError(f"The server sent a malformed line: {json.dumps(line)[:120]}.")
+            if text and counted == max_tokens and not line.get("done"):
+                usage.finish_reason = "length"
+                exchange.stop()
+                return
             if text:
+                counted += 1
                 yield SampledToken(-1, text.encode("utf-8"), False)
             if line.get("done"):
                 usage.finish_reason = line.get("done_reason") or "stop"
@@ -334,7 +385,7 @@ class OllamaBackend(RemoteBackend):
                 if usage.finish_reason == "stop":
                     yield SampledToken(-1, b"", True)
                 return
-        if not (cancel.is_set() or self._interrupted):
+        if not _stopped(cancel, exchange):
             raise ServerResponseError(
                 "The server ended the stream without finishing the answer (no line with done: true): it may have "
                 "stopped the model (Ollama also ends an answer that repeats one token 30 times). Try again."
@@ -390,11 +441,14 @@ def connect(
     tokenizer: str | Path | None = None,
     template: str | None = None,
     prompts: str = "tokens",
+    stream_timeout: float | None = None,
 ) -> RemoteModel:
     """A model served at `base_url` (`http://127.0.0.1:8080/v1`), usable wherever a loaded model is.
 
-    `api_key`: sent as `Authorization: Bearer ...`, never printed. `model`: which served model (default: the
-    first `/v1/models` lists). `timeout`: seconds to wait for the server to connect or to send anything.
+    `api_key`: sent as `Authorization: Bearer ...`, never printed (nor is userinfo in `base_url`, sent as Basic
+    credentials). `model`: which served model (default: the first `/v1/models` lists). `timeout`: seconds each
+    request may take, from connecting to its last byte (a completion: to connect). `stream_timeout`: seconds a
+    whole completion may take (default: as long as the server needs; a stop always ends it at once).
     `tokenizer`: a local GGUF of the same model, for servers without llama-server's `/tokenize` (vLLM, LM Studio,
     llama_cpp.server; an Ollama on this machine needs none). `template`: the chat template's name (default:
     Llama 2's for Llama 2 models, else the server's). `prompts`: "tokens" (token ids: llama-server, vLLM), or
@@ -406,14 +460,26 @@ def connect(
     """
     if prompts not in PROMPTS:
         raise UsageError(f"prompts must be one of: {', '.join(PROMPTS)}; got {prompts!r}.")
+    if stream_timeout is not None and (
+        isinstance(stream_timeout, bool) or not (isinstance(stream_timeout, int | float) and 0 < stream_timeout < 10**7)
+    ):
+        raise UsageError(f"stream_timeout must be a positive number of seconds or None, got {stream_timeout!r}.")
     endpoint = Endpoint.parse(base_url, api_key, timeout)
+    try:
+        return _connect(endpoint, model, tokenizer, template, prompts, stream_timeout)
+    except HelpersError as error:  # the one boundary: nothing the server echoed keeps a secret
+        raise scrubbed(error, endpoint.secrets) from None
+
+
+def _connect(endpoint: Endpoint, model, tokenizer, template, prompts: str, stream_timeout) -> RemoteModel:
+    base_url = endpoint.base_url
     listed = endpoint.json("GET", "/v1/models")
     data = listed.get("data") if isinstance(listed, dict) else None
     if not isinstance(data, list) or not data or not all(isinstance(m, dict) and "id" in m for m in data):
         raise ServerResponseError(
             f"{endpoint.url('/v1/models')} did not list any model: is {base_url} an OpenAI-compatible server?"
         )
-    ids = [m["id"] for m in data]
+    ids = [str(m["id"]) for m in data]
     if model is None:
         model, info = ids[0], data[0]
     elif model in ids:
@@ -437,15 +503,15 @@ def connect(
                 "cannot be tokenized with the served model's vocabulary. Pass tokenizer= a local GGUF of the same "
                 "model (for Llama 2, any Llama 2 GGUF): connect(url, tokenizer='llama-2-7b-chat.Q4_K_M.gguf')."
             )
-        tok = ServerTokenizer(endpoint, props, int(meta.get("n_vocab") or 0))
-    settings = (props or {}).get("default_generation_settings") or {}
-    n_ctx = int(
-        settings.get("n_ctx") or meta.get("n_ctx") or info.get("max_model_len") or _ollama_context(shown) or 4096
-    )
+        tok = ServerTokenizer(endpoint, props, _count(meta, "n_vocab", 0))
+    settings = (props or {}).get("default_generation_settings")
+    settings = settings if isinstance(settings, dict) else {}
+    n_ctx = _count(settings, "n_ctx", 0) or _count(meta, "n_ctx", 0) or _count(info, "max_model_len", 0)
+    n_ctx = n_ctx or _ollama_context(shown) or 4096
     kind = OllamaBackend if ollama else RemoteBackend
-    backend = kind(endpoint, model, tok, n_ctx, prompts=prompts)
+    backend = kind(endpoint, model, tok, n_ctx, prompts=prompts, stream_timeout=stream_timeout)
     server = f"Ollama {ollama}" if ollama else None
-    remote = RemoteModel(backend, template=template, slots=(props or {}).get("total_slots"), server=server)
+    remote = RemoteModel(backend, template=template, slots=_count(props or {}, "total_slots", 0) or None, server=server)
     if prompts == "text":
         try:
             reader = server_tokens(endpoint, model, llama_server=props is not None)

@@ -29,15 +29,24 @@ class ServerTokenizer:
 
     def _tokens(self, text: str, *, add_special: bool = False, special: bool = False) -> list[int]:
         body = {"content": text, "add_special": add_special, "parse_special": special}
-        tokens = self._endpoint.json("POST", "/tokenize", body).get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
-            raise ServerResponseError(f"/tokenize answered {tokens!r} instead of a list of token ids.")
+        tokens = self._answer("/tokenize", body).get("tokens")
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise self._wrong(f"/tokenize answered {repr(tokens)[:120]} instead of a list of token ids.")
         return tokens
 
+    def _answer(self, path: str, body: dict) -> dict:
+        answer = self._endpoint.json("POST", path, body)
+        if not isinstance(answer, dict):
+            raise self._wrong(f"{path} answered {repr(answer)[:120]} instead of a JSON object.")
+        return answer
+
+    def _wrong(self, message: str) -> ServerResponseError:
+        return ServerResponseError(self._endpoint.scrub(message))
+
     def _single(self, spelling: str | None, what: str) -> int:
-        tokens = self._tokens(spelling, special=True) if spelling else []
+        tokens = self._tokens(spelling, special=True) if isinstance(spelling, str) and spelling else []
         if len(tokens) != 1:
-            raise ServerResponseError(f"The server's {what} ({spelling!r}) is not one token: cannot build prompts.")
+            raise self._wrong(f"The server's {what} ({repr(spelling)[:120]}) is not one token: cannot build prompts.")
         return tokens[0]
 
     def n_vocab(self) -> int:
@@ -72,8 +81,10 @@ class ServerTokenizer:
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
         # llama-server renders control tokens as their spelling (common_token_to_piece, special=true).
-        content = self._endpoint.json("POST", "/detokenize", {"tokens": list(tokens)}).get("content", "")
-        return content.encode("utf-8")
+        content = self._answer("/detokenize", {"tokens": list(tokens)}).get("content", "")
+        if not isinstance(content, str):
+            raise self._wrong(f"/detokenize answered {repr(content)[:120]} instead of text.")
+        return content.encode("utf-8", "replace")
 
     def close(self) -> None:
         pass

@@ -8,6 +8,7 @@ plus a watchdog). Failures a real server does not produce on demand come from te
 from __future__ import annotations
 
 import html
+import json
 import re
 import statistics
 import threading
@@ -349,3 +350,161 @@ def test_the_remote_wing_loads_no_engine_and_no_story():
     names = set(ast.literal_eval(loaded.stdout))
     assert {"helpers.engine.http", "helpers.engine.tokenizers"} <= names
     assert not any(name.startswith("llama_cpp") for name in names) and "helpers.templates" not in names, names
+
+
+# --- hostile servers: secrets, deadlines, bounds (issue 22) ----------------------------------------------
+
+KEY, PASSWORD = "sk-test-4f9a1c0e77d2", "pw-7c1e93b2aa05"
+
+
+def _with_userinfo(url: str) -> str:
+    return url.replace("://", f"://alice:{PASSWORD}@")
+
+
+def _everything_shown(error: BaseException) -> str:
+    """All a person could see of an error: its message, detail, repr and the whole printed traceback."""
+    import traceback
+
+    return "".join([str(error), repr(error), str(getattr(error, "detail", "")), *traceback.format_exception(error)])
+
+
+def _secret_forms() -> list[str]:
+    import base64
+
+    return [KEY, PASSWORD, base64.b64encode(f"alice:{PASSWORD}".encode()).decode().rstrip("=")]
+
+
+@pytest.mark.parametrize("mode,kind", [("echo-500", ServerResponseError), ("echo-401", ServerAuthError)])
+@pytest.mark.parametrize("api_key", [KEY, None])
+def test_a_server_echoing_the_credentials_never_shows_them(mode, kind, api_key):
+    """The server's error body repeats the request's headers, Authorization included; the URL carries a password."""
+    with FakeServer() as fake:
+        fake.state.mode = mode
+        with pytest.raises(kind) as raised:
+            connect(_with_userinfo(fake.url), api_key=api_key, template="llama-2")
+    sent = fake.state.headers[-1]["Authorization"]
+    assert sent.startswith(f"Bearer {KEY}" if api_key else "Basic " + _secret_forms()[2])  # the echo held a secret
+    shown = _everything_shown(raised.value)
+    assert "rejected request with headers" in shown and "Authorization: " in shown
+    assert not [secret for secret in _secret_forms() if secret in shown], shown
+
+
+def test_a_failure_during_generation_never_shows_the_key():
+    with FakeServer() as fake:
+        model = connect(_with_userinfo(fake.url), api_key=KEY, template="llama-2")
+        fake.state.mode = "echo-500"
+        with pytest.raises(ServerResponseError, match=r"HTTP 500.*Bearer \*\*\*") as raised:
+            generate(model, "hello")
+        shown = _everything_shown(raised.value) + repr(model) + model.describe() + repr(model.backend.endpoint)
+    assert not [secret for secret in _secret_forms() if secret in shown], shown
+
+
+def test_userinfo_is_sent_as_basic_credentials_and_never_shown():
+    import base64
+
+    with FakeServer() as fake:
+        model = connect(_with_userinfo(fake.url), template="llama-2")
+        assert generate(model, "hello").text == "Hi there!"
+        expected = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+        assert {h["Authorization"] for h in fake.state.headers} == {expected}
+        assert model.base_url == fake.url and PASSWORD not in repr(model) + model.describe()
+    down = f"http://alice:{PASSWORD}@127.0.0.1:{free_port()}/v1"
+    with pytest.raises(ServerUnavailableError, match=r"No answer from http://127\.0\.0\.1:\d+/v1 ") as raised:
+        connect(down, timeout=5)
+    assert PASSWORD not in _everything_shown(raised.value)
+
+
+def test_stop_ends_a_wait_on_a_server_gone_silent():
+    """The server sends its headers, then nothing: Stop closes the socket from the stopping thread."""
+    with FakeServer() as fake:
+        model = connect(fake.url, template="llama-2")
+        fake.state.mode = "silent"
+        stop, stats = threading.Event(), GenerationStats()
+        threading.Timer(1.0, stop.set).start()
+        started = time.monotonic()
+        assert "".join(stream(model, "hello", stop_event=stop, stats=stats)) == ""
+        assert stats.finish_reason == "cancelled" and time.monotonic() - started < 3
+        fake.state.mode = "ok"
+        assert generate(model, "hello").text == "Hi there!"  # the model is usable again
+
+
+def test_stream_timeout_bounds_a_whole_completion():
+    with FakeServer() as fake:
+        model = connect(fake.url, template="llama-2", stream_timeout=1)
+        fake.state.mode = "silent"
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailableError, match="within the stream_timeout of 1 s"):
+            generate(model, "hello")
+        assert time.monotonic() - started < 3
+    with pytest.raises(ValueError, match="stream_timeout must be a positive number"):
+        connect("http://127.0.0.1:1/v1", stream_timeout=0)
+
+
+def test_a_server_dripping_bytes_cannot_outlast_the_timeout():
+    """One byte every 0.3 s: each read gets a byte in time, but the call as a whole has one deadline."""
+    with FakeServer() as fake:
+        fake.state.mode, fake.state.drip_seconds = "drip", 0.3
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailableError, match=r"did not finish answering /v1/models within 2 s"):
+            connect(fake.url, timeout=2)
+        assert time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("mode", ["many-tokens", "endless"])
+def test_max_tokens_holds_whatever_the_server_claims_or_sends(mode):
+    with FakeServer() as fake:
+        model = connect(fake.url, template="llama-2")
+        fake.state.mode = mode
+        started = time.monotonic()
+        result = generate(model, "hello", GenerationSettings(max_tokens=7))
+        assert result.stats.completion_tokens == 7 and result.stats.finish_reason == "length"
+        assert time.monotonic() - started < 5
+        fake.state.mode = "ok"
+        assert generate(model, "hello").text == "Hi there!"
+
+
+@pytest.mark.parametrize("mode,message", [("nested", "JSON nested too deep"), ("huge-event", "line of over 4 MiB")])
+def test_events_too_deep_or_too_large_are_server_errors(mode, message):
+    with FakeServer() as fake:
+        model = connect(fake.url, template="llama-2")
+        fake.state.mode = mode
+        with pytest.raises(ServerResponseError, match=message):
+            generate(model, "hello")
+
+
+@pytest.mark.parametrize(
+    "mode,message",
+    [("many-headers", "not HTTP.*HTTPException: got more than 100 headers"), ("redirect-loop", "not answer with JSON")],
+)
+def test_answers_that_are_not_the_api_are_server_errors(mode, message):
+    with FakeServer() as fake:
+        fake.state.mode = mode
+        with pytest.raises(ServerResponseError, match=message):
+            connect(fake.url, timeout=5)
+
+
+def test_deep_json_is_refused_before_parsing():
+    from helpers.engine.http import MAX_JSON_DEPTH, bounded_json
+
+    fine = "[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH
+    assert bounded_json(fine) == json.loads(fine)
+    assert bounded_json('{"a": "[[[[' + "[" * 10_000 + '"}') == {"a": "[[[[" + "[" * 10_000}  # brackets in a string
+    with pytest.raises(ValueError, match="nested deeper"):
+        bounded_json("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1))
+
+
+def test_every_form_of_a_secret_is_scrubbed():
+    """As written, URL-encoded, inside Basic credentials (base64 of user:password), as a URL's userinfo."""
+    import base64
+    from urllib.parse import quote
+
+    from helpers.engine.http import Endpoint
+
+    secret = "p@ss:w/rd-9"
+    endpoint = Endpoint.parse(f"http://alice:{quote(secret, safe='')}@example.org:8080/v1", None, 5)
+    assert endpoint.base_url == "http://example.org:8080/v1" and endpoint.userinfo == f"alice:{secret}"
+    basic = endpoint.headers(None)["Authorization"]
+    assert basic == "basic ".title() + base64.b64encode(f"alice:{secret}".encode()).decode()
+    text = f"{secret} | {quote(secret, safe='')} | {basic} | basic {basic.split()[1]} | http://bob:x@h/v1"
+    shown = endpoint.scrub(text)
+    assert shown == "*** | *** | Basic *** | basic *** | http://***@h/v1", shown
