@@ -70,6 +70,8 @@ def _check_regular_file(path: Path) -> None:
     """ModelFileMissingError saying what `path` is when it is not a regular file (stat only: nothing is opened)."""
     try:
         mode = os.stat(path).st_mode
+    except ValueError:  # a NUL character, which no file name can hold
+        raise ModelFileMissingError(f"{str(path)!r} holds a NUL character: it cannot name a file.") from None
     except OSError as error:
         if error.errno == errno.ELOOP:
             what = "a symbolic link loop (it leads, through links, back to itself)"

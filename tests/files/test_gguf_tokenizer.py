@@ -292,6 +292,7 @@ def test_paths_that_are_not_model_files_say_what_they_are(tmp_path):
         / "dangling.gguf": f"dangling.gguf is a symbolic link to '{tmp_path / 'gone.gguf'}', which does not exist",
         Path("/dev/zero"): "/dev/zero is a character device, not a model file.",
         tmp_path / "missing.gguf": "Model file not found: ",  # only what is not there is "not found"
+        Path("model\0.gguf"): "holds a NUL character: it cannot name a file",  # os.stat's raw ValueError before
     }
     for path, message in cases.items():
         with pytest.raises(ModelFileMissingError) as raised:
