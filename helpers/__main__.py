@@ -51,11 +51,17 @@ def parse_args(argv):
             p.add_argument(flag, action="append", default=[], help=f"{meta['help']} (repeatable)")
         elif isinstance(default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=meta["help"])
+        elif "choices" in meta:  # None is spelled "off"
+            p.add_argument(flag, choices=[c or "off" for c in meta["choices"]], default=default, help=meta["help"])
         else:
             kind = int if "int" in str(f.type) else float  # "int", "int | None" or "float"
             low, high = meta["range"]
             p.add_argument(flag, type=kind, default=default, help=f"{meta['label']}, {low}..{high}: {meta['help']}")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for f in dataclasses.fields(GenerationSettings):
+        if "choices" in f.metadata and getattr(args, f.name) == "off":
+            setattr(args, f.name, None)
+    return args
 
 
 def main(argv=None) -> int:

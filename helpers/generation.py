@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from helpers.context_window import fit_to_context
-from helpers.engine.backend import PromptProgress
+from helpers.engine.backend import DraftCheck, PromptProgress
 from helpers.engine.model import State, as_model
 from helpers.errors import ContextOverflowError, ModelUnloadedError
 from helpers.settings import GenerationSettings
@@ -34,6 +34,8 @@ class GenerationStats:
     finish_reason: str = ""  # "stop" | "length" | "cancelled"
     dropped_turns: int = 0  # user/assistant pairs left out so the prompt fits the context
     seed: int = 0
+    draft_proposed: int = 0  # speculative decoding: drafted tokens the model checked
+    draft_accepted: int = 0  # ... and the ones it kept (they count in completion_tokens too)
 
     def line(self) -> str:
         cached = f" ({self.cached_tokens} from cache)" if self.cached_tokens else ""
@@ -46,8 +48,12 @@ class GenerationStats:
                 f"({self.prompt_read:,} of {self.prompt_tokens:,} in the KV cache) | finish: cancelled{dropped}"
             )
         speed = f"{self.tokens_per_second:.1f} tokens/s | " if self.completion_tokens > 1 else ""
+        drafts = ""
+        if self.draft_proposed:
+            kept = round(100 * self.draft_accepted / self.draft_proposed)
+            drafts = f"{kept} % of {self.draft_proposed} drafted tokens kept | "
         return (
-            f"{self.prompt_tokens} prompt tokens{cached} | {self.completion_tokens} generated | {speed}"
+            f"{self.prompt_tokens} prompt tokens{cached} | {self.completion_tokens} generated | {speed}{drafts}"
             f"first token after {self.time_to_first_token_s:.2f} s | finish: {self.finish_reason}{dropped}"
         )
 
@@ -149,6 +155,10 @@ def stream(
                 stats.prompt_read, stats.cached_tokens = event.done, event.cached
                 if on_progress is not None:
                     on_progress(event.done, event.total)
+                continue
+            if isinstance(event, DraftCheck):
+                stats.draft_proposed += event.proposed
+                stats.draft_accepted += event.accepted
                 continue
             if event.end_of_generation:
                 stopped = True

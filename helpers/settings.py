@@ -21,6 +21,9 @@ def _setting(default, label: str, bounds: tuple, step, help: str, *, low_inclusi
     )
 
 
+SPECULATIVE = (None, "prompt-lookup")  # None: off
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     # --- length -------------------------------------------------------------------------------
@@ -65,6 +68,18 @@ class GenerationSettings:
         },
     )
 
+    # Speculative decoding: "prompt-lookup" drafts the next tokens from the context (the prompt and the answer
+    # so far) and the model checks a whole draft in one batch, keeping the part it would have generated itself,
+    # so the text is the same (issue 20; measured in docs/performance.md, "Speculative decoding").
+    speculative: str | None = field(
+        default=None,
+        metadata={
+            "label": "Speculative decoding",
+            "choices": SPECULATIVE,
+            "help": "prompt-lookup: faster answers that repeat the prompt (summaries, rewrites, code fixes)",
+        },
+    )
+
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
@@ -80,7 +95,7 @@ class GenerationSettings:
 
 
 def setting_info(name: str) -> dict:
-    """A setting's metadata: label, help, and for numbers range, low_inclusive and step."""
+    """A setting's metadata: label, help, for numbers range, low_inclusive and step, for a choice its choices."""
     return dict(_FIELDS[name].metadata)
 
 
@@ -111,6 +126,8 @@ def validate(settings: GenerationSettings) -> None:
             raise UsageError(f"stop must hold non-empty strings, got {s!r}.")
     if not isinstance(settings.cache_prompt, bool):
         raise UsageError(f"cache_prompt must be True or False, got {settings.cache_prompt!r}.")
+    if settings.speculative not in SPECULATIVE:
+        raise UsageError(f"speculative must be None (off) or 'prompt-lookup', got {settings.speculative!r}.")
 
 
 PRESETS = {

@@ -37,6 +37,15 @@ class SampledToken:
     end_of_generation: bool
 
 
+@dataclass(frozen=True)
+class DraftCheck:
+    """Speculative decoding: `proposed` drafted tokens were checked in one batch and the model kept the first
+    `accepted` of them (they follow as `SampledToken`s)."""
+
+    proposed: int
+    accepted: int
+
+
 class Backend(Protocol):
     """What `Model` needs. Tokenizer methods may be called from any thread; `complete` runs on the model's
     engine thread, one at a time; `interrupt` may be called from any thread while `complete` runs."""
@@ -61,9 +70,10 @@ class Backend(Protocol):
         settings: GenerationSettings,
         seed: int,
         cancel: threading.Event,
-    ) -> Iterator[PromptProgress | SampledToken]:
+    ) -> Iterator[PromptProgress | SampledToken | DraftCheck]:
         """Evaluate `prompt` (reusing the KV cache of the longest common prefix when
-        `settings.cache_prompt`), reporting `PromptProgress`, then sample up to `settings.max_tokens` tokens.
+        `settings.cache_prompt`), reporting `PromptProgress`, then sample up to `settings.max_tokens` tokens
+        (with `settings.speculative`, a `DraftCheck` before the tokens of each verified draft).
         Ends early, leaving the cache consistent, once `cancel` is set or `interrupt()` was called."""
 
     def interrupt(self) -> None:

@@ -30,7 +30,8 @@ from contextlib import contextmanager
 import llama_cpp
 import numpy as np
 
-from helpers.engine.backend import PromptProgress, SampledToken
+from helpers.engine.backend import DraftCheck, PromptProgress, SampledToken
+from helpers.engine.prompt_lookup import PromptLookup
 from helpers.errors import DecodeError, ModelUnloadedError, UsageError
 from helpers.settings import GenerationSettings
 
@@ -187,7 +188,7 @@ class LlamaCppBackend:
 
     def complete(
         self, prompt: Sequence[int], settings: GenerationSettings, seed: int, cancel: threading.Event
-    ) -> Iterator[PromptProgress | SampledToken]:
+    ) -> Iterator[PromptProgress | SampledToken | DraftCheck]:
         llama = self.llama
         if self.vocab_only:
             raise UsageError("This Llama was loaded with vocab_only=True: it can tokenize but not generate.")
@@ -213,7 +214,8 @@ class LlamaCppBackend:
 
     def _sample(self, llama, settings: GenerationSettings, seed: int, cancel: threading.Event):
         """Tokens from llama-cpp-python's own sampler chain (as `Llama.generate` builds it), each token
-        evaluated before the next is sampled; the last one is not evaluated."""
+        evaluated before the next is sampled; the last one is not evaluated. With a drafter, each token is
+        evaluated together with a draft of the tokens after it (see `_verify`)."""
         llama.set_seed(seed)
         sampler = llama._init_sampler(
             top_k=settings.top_k,
@@ -223,25 +225,69 @@ class LlamaCppBackend:
             repeat_penalty=settings.repeat_penalty,
         )
         vocab = llama._model.vocab
+        drafter = self._drafter(llama, settings)
         try:
-            for produced in range(1, settings.max_tokens + 1):
-                token = sampler.sample(llama._ctx, -1)
-                end = bool(llama_cpp.llama_vocab_is_eog(vocab, token))
-                yield SampledToken(token, b"" if end else llama.detokenize([token]), end)
-                if end or produced == settings.max_tokens or self._stopped(cancel):
+            token, kept, produced = sampler.sample(llama._ctx, -1), [], 0
+            while True:
+                for out in (*kept, token):  # the draft tokens the model kept, then its own next token
+                    produced += 1
+                    end = bool(llama_cpp.llama_vocab_is_eog(vocab, out))
+                    yield SampledToken(out, b"" if end else llama.detokenize([out]), end)
+                    if end or produced == settings.max_tokens or self._stopped(cancel):
+                        return
+                    if drafter is not None:
+                        drafter.add([out])
+                left = min(settings.max_tokens - produced, self.n_ctx() - llama.n_tokens) - 1
+                draft = drafter.draft(left) if drafter is not None else []
+                if not self._decode(llama, [token, *draft], llama.n_tokens, logits=len(draft) + 1):
                     return
-                if not self._decode(llama, [token], llama.n_tokens):
-                    return
+                if not draft:
+                    token, kept = sampler.sample(llama._ctx, -1), []
+                    continue
+                token, kept = self._verify(llama, sampler, vocab, draft)
+                drafter.record(len(draft), len(kept))
+                yield DraftCheck(len(draft), len(kept))
         finally:
             sampler.close()
+
+    def _drafter(self, llama, settings: GenerationSettings) -> PromptLookup | None:
+        """The prompt-lookup drafter over the KV cache's tokens, or None: speculation off, or a model whose
+        memory cannot drop the positions of a rejected draft (recurrent and hybrid models)."""
+        model = llama._model.model
+        if settings.speculative != "prompt-lookup":
+            return None
+        if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+            return None
+        return PromptLookup(llama.input_ids[: llama.n_tokens].tolist())
+
+    def _verify(self, llama, sampler, vocab, draft: list[int]) -> tuple[int, list[int]]:
+        """After one batch evaluated a token and the `draft` after it: the model's own token at each drafted
+        position, sampled with the normal sampler chain, for as long as it equals the draft (exact for any
+        chain, as every sample sees the same logits and sampler state as in normal decoding). Returns
+        (the model's next token, the draft tokens kept); the KV cache keeps the token and the kept ones."""
+        kept = []
+        for i, drafted in enumerate(draft):
+            token = sampler.sample(llama._ctx, i)
+            if token != drafted or llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            kept.append(token)
+        else:
+            token = sampler.sample(llama._ctx, len(draft))  # every draft token kept: the model's next one
+        start = llama.n_tokens - len(draft) - 1
+        if len(kept) < len(draft) and self._truncate(llama, start + 1 + len(kept)) != start + 1 + len(kept):
+            raise DecodeError("llama.cpp could not drop a rejected draft from the KV cache.")
+        return token, kept
 
     def _stopped(self, cancel: threading.Event) -> bool:
         return cancel.is_set() or self._flag.raw[0] != 0
 
-    def _decode(self, llama, tokens: list[int], start: int) -> bool:
+    def _decode(self, llama, tokens: list[int], start: int, *, logits: int = 1) -> bool:
         """Evaluate `tokens` at positions start...; False if the computation was interrupted. Either way the
-        bookkeeping afterwards says exactly what the KV cache holds."""
+        bookkeeping afterwards says exactly what the KV cache holds. Logits are computed for the last `logits`
+        tokens (all of them with logits_all)."""
         llama._batch.set_batch(batch=tokens, n_past=start, logits_all=llama._logits_all)
+        for i in range(len(tokens) - logits, len(tokens) - 1):
+            llama._batch.batch.logits[i] = True
         status = llama_cpp.llama_decode(llama.ctx, llama._batch.batch)
         if status == 0:
             llama.input_ids[start : start + len(tokens)] = tokens
