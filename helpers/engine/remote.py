@@ -64,7 +64,6 @@ from helpers.errors import (
     UsageError,
     scrubbed,
 )
-from helpers.files.hub import notice
 from helpers.settings import GenerationSettings
 
 # --- the backend ---------------------------------------------------------------------------------------
@@ -109,7 +108,6 @@ class RemoteBackend:
         self.last_usage = Usage()
         self._lock = threading.Lock()
         self._exchange: Exchange | None = None  # the completion under way
-        self._told_speculative = False  # the notice that `settings.speculative` is not sent, given once
 
     def n_ctx(self) -> int:
         return self._n_ctx
@@ -174,12 +172,6 @@ class RemoteBackend:
         self, prompt: Sequence[int], settings: GenerationSettings, seed: int, cancel: threading.Event
     ) -> Iterator[PromptProgress | SampledToken]:
         prompt = list(prompt)
-        if settings.speculative and not self._told_speculative:
-            self._told_speculative = True  # llama-server's requests take no speculative options (server-schema.cpp)
-            notice(
-                f"speculative={settings.speculative!r} is ignored with a server: llama-server speculates by "
-                "itself when started with --spec-type ngram-simple (or a draft model)."
-            )
         self.last_usage = usage = Usage()
         request = self.request(prompt, settings, seed)
         limit = f"the stream_timeout of {self.stream_timeout:g} s" if self.stream_timeout else ""
@@ -255,7 +247,7 @@ class RemoteBackend:
             else:
                 new = 1 if text else 0  # one chunk of text, one token
             over = finish is None and new > max_tokens - counted
-            new = min(new, max_tokens - counted) if finish is None else new
+            new = min(new, max_tokens - counted)  # a last chunk past max_tokens adds nothing
             counted += new
             if new and held is not None:
                 yield held
@@ -264,7 +256,7 @@ class RemoteBackend:
                 yield SampledToken(-1, b"", False)
             if new:
                 ids = details.get("tokens") or [-1]
-                token = SampledToken(_token_id(ids), text.encode("utf-8"), False)
+                token = SampledToken(_token_id(ids), _utf8(text), False)
                 if text:
                     yield token
                 else:
@@ -302,6 +294,11 @@ def _stopped(cancel: threading.Event, exchange: Exchange) -> bool:
     if exchange.ended == "deadline":
         raise exchange.expired()
     return cancel.is_set() or exchange.ended == "stop"
+
+
+def _utf8(text: str) -> bytes:
+    """A piece's bytes; a lone surrogate (JSON can escape one: "\\ud800") becomes U+FFFD, as invalid UTF-8 does."""
+    return re.sub("[\ud800-\udfff]", "\ufffd", text).encode("utf-8")
 
 
 def _count(data: dict, key: str, default: int) -> int:
@@ -374,13 +371,15 @@ class OllamaBackend(RemoteBackend):
             text = line.get("response") or ""
             if not isinstance(text, str):
                 raise ServerResponseError(f"The server sent a malformed line: {json.dumps(line)[:120]}.")
-            if text and counted == max_tokens and not line.get("done"):
-                usage.finish_reason = "length"
-                exchange.stop()
-                return
+            if text and counted == max_tokens:  # more than asked for
+                if not line.get("done"):
+                    usage.finish_reason = "length"
+                    exchange.stop()
+                    return
+                text = ""
             if text:
                 counted += 1
-                yield SampledToken(-1, text.encode("utf-8"), False)
+                yield SampledToken(-1, _utf8(text), False)
             if line.get("done"):
                 usage.finish_reason = line.get("done_reason") or "stop"
                 usage.prompt_tokens, usage.completion_tokens = line.get("prompt_eval_count"), line.get("eval_count")

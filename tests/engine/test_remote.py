@@ -17,7 +17,13 @@ import time
 import pytest
 
 from helpers.engine.remote import connect
-from helpers.errors import ServerAuthError, ServerResponseError, ServerUnavailableError, TokenPromptsUnsupportedError
+from helpers.errors import (
+    ServerAuthError,
+    ServerError,
+    ServerResponseError,
+    ServerUnavailableError,
+    TokenPromptsUnsupportedError,
+)
 from helpers.generation import GenerationStats, generate, stream
 from helpers.machine.serve import server_binary
 from helpers.settings import GenerationSettings
@@ -508,3 +514,47 @@ def test_every_form_of_a_secret_is_scrubbed():
     text = f"{secret} | {quote(secret, safe='')} | {basic} | basic {basic.split()[1]} | http://bob:x@h/v1"
     shown = endpoint.scrub(text)
     assert shown == "*** | *** | Basic *** | basic *** | http://***@h/v1", shown
+
+
+def _random_event(rng) -> str:
+    """A completion chunk with each field possibly of a wrong type or shape, or not JSON at all."""
+    odd = [None, True, -1, 10**30, 1.5, "x", [], {}, [None], {"a": [1]}, "\ud800", float("inf")]
+
+    def pick(good):
+        return good if rng.random() < 0.6 else rng.choice(odd)
+
+    choice = {"text": pick("tok"), "index": 0, "finish_reason": pick(rng.choice([None, "stop", "length"]))}
+    event = {
+        "choices": pick([pick(choice)]),
+        "__verbose": pick({"tokens": pick([pick(5)]), "tokens_predicted": pick(rng.randrange(0, 9)),
+                           "stop_type": pick("eos")}),
+        "usage": pick({"prompt_tokens": pick(3), "completion_tokens": pick(2),
+                       "prompt_tokens_details": pick({"cached_tokens": pick(1)})}),
+        "prompt_progress": pick({"processed": pick(1), "total": pick(2), "cache": pick(0)}) if rng.random() < 0.2 else None,
+        "timings": pick({"predicted_ms": 1.0}),
+    }  # fmt: skip
+    event = {k: v for k, v in event.items() if v is not None or rng.random() < 0.5}
+    if rng.random() < 0.05:
+        return rng.choice(["[DONE]", "{", "[1, 2]", '"text"', "null", '{"error": "boom"}'])
+    return json.dumps(event, allow_nan=True)
+
+
+def test_random_events_end_in_an_answer_or_a_server_error():
+    """300 streams of 1-6 chunks with fields of random types (seed 22): each ends in a result or a ServerError,
+    never in a TypeError, KeyError or anything else of Python's."""
+    import random
+
+    rng = random.Random(22)
+    outcomes = {"answer": 0, "server error": 0}
+    with FakeServer() as fake:
+        model = connect(fake.url, template="llama-2")
+        fake.state.mode = "scripted"
+        for _ in range(300):
+            fake.state.events = [_random_event(rng) for _ in range(rng.randrange(1, 7))]
+            try:
+                result = generate(model, "hello", GenerationSettings(max_tokens=5))
+                assert result.stats.completion_tokens <= 5
+                outcomes["answer"] += 1
+            except ServerError:
+                outcomes["server error"] += 1
+    assert outcomes["answer"] > 10 and outcomes["server error"] > 10, outcomes

@@ -8,7 +8,8 @@ request's headers (the Authorization header with them); "silent" sends a stream'
 "silent-after-token" one token and then nothing; "drip" sends every answer a byte every `drip_seconds`;
 "many-tokens" claims 10^9 generated tokens in one chunk, "endless" streams tokens and never finishes;
 "nested" sends an event nested 100,000 deep, "huge-event" one data line of 8 MiB; "many-headers" answers with
-200 headers, "redirect-loop" with a redirect to itself. Whatever waits ends when
+200 headers, "redirect-loop" with a redirect to itself; "scripted" streams `events` as they are (each string
+one `data:` line). Whatever waits ends when
 the server stops (or after a minute), so a test never hangs on its server.
 
 It speaks llama-server's shape: /v1/models, /props, /tokenize and /detokenize (one token per byte, ids
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +39,7 @@ class FakeState:
     requests: list[dict] = field(default_factory=list)
     headers: list[dict] = field(default_factory=list)  # each request's headers, as received
     drip_seconds: float = 1.0
+    events: list[str] = field(default_factory=list)  # what "scripted" streams
     stopping: threading.Event = field(default_factory=threading.Event)  # set when the server stops
 
 
@@ -164,6 +167,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"data: {text}\n\n".encode())
             self.wfile.flush()
 
+        if mode == "scripted":
+            for event in self.state.events:
+                send(event)
+            return
         if mode in ("silent", "silent-after-token", "many-tokens", "endless", "nested", "huge-event"):
             return self._hostile_stream(mode, send)
         for i, piece in enumerate(ANSWER):
@@ -198,14 +205,21 @@ class _Handler(BaseHTTPRequestHandler):
             pass  # the client closed the stream, as it should
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):  # a client that hung up
+            super().handle_error(request, client_address)
+
+
 class FakeServer:
     """`with FakeServer() as fake:` serves at `fake.url` (…/v1); set `fake.state.mode` to misbehave."""
 
     def __init__(self):
         self.state = FakeState()
         handler = type("Handler", (_Handler,), {"state": self.state})
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
