@@ -50,8 +50,9 @@ STYLE = """<style>
 .llama2-textgen-panel, .llama2-textgen-panel .widget-hbox, .llama2-textgen-panel .widget-vbox {max-width: 100%;
   min-width: 0; box-sizing: border-box}
 .llama2-textgen-panel {overflow-x: hidden}
+.llama2-textgen-panel > .jupyter-widgets {max-width: calc(100% - 4px)}  /* width 100% plus its 2px margins */
 .llama2-textgen-panel .widget-textarea textarea {min-height: 3.2em; resize: vertical}
-.llama2-textgen-panel button:disabled {opacity: .4; cursor: not-allowed; filter: grayscale(1)}
+.llama2-textgen-panel button:disabled {opacity: .4 !important; cursor: not-allowed; filter: grayscale(1)}
 </style>"""
 SYSTEM_SHOWN = 90  # characters of a system prompt shown on its one line; the rest when unfolded
 

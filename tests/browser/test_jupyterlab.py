@@ -170,9 +170,10 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
             return panel.locator(f"button.jupyter-button[title='{title}']")
 
         # The buttons on one row at 1280 px, and nothing wider than its place (no sideways scrollbar).
-        row = panel.locator(".widget-hbox", has=button("Generate")).first
-        tops = {round(b.bounding_box()["y"]) for b in row.locator("> *").all()}
-        assert len(tops) == 1, tops
+        row = panel.locator(".widget-hbox", has=page.locator("button[title='Generate']")).first
+        items = row.locator(":scope > *").all()
+        tops = {round(b.bounding_box()["y"]) for b in items}
+        assert len(items) == 9 and len(tops) == 1, (len(items), tops)
         assert not too_wide(panel), too_wide(panel)
 
         def users():
@@ -216,7 +217,7 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         # Edit the first of the three turns: the note says what sending drops; then one turn, the new one.
         row.locator("select").select_option(index=0)
         button("Edit: the chosen message back in the box").click()
-        assert prompt.input_value() == "List three fruits."
+        wait_until(lambda: prompt.input_value() == "List three fruits.")
         note.filter(has_text="drops the 5 messages after it").wait_for(timeout=10_000)
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-editing.png"), full_page=False)
         prompt.fill("List three vegetables.")
@@ -309,6 +310,14 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-final.png"), full_page=False)
         assert errors == [], errors
         browser.close()
+
+
+def wait_until(condition, timeout=30):
+    """Until the kernel's answer to a click has reached the page."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "the page did not change"
+        time.sleep(0.1)
 
 
 def too_wide(panel):
