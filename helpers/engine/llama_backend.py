@@ -108,6 +108,11 @@ class LlamaCppBackend:
         self._flag = ctypes.create_string_buffer(2)  # [0] != 0: stop the running graph computation
         self._special_spellings: dict[str, int] | None = None
 
+    def before_llama_close(self, callback) -> None:
+        """Run `callback()` when the Llama's `close()` starts (its own or its deletion's), before it frees anything:
+        its exit stack runs last-in first-out, and this goes on it after everything the Llama holds."""
+        self.llama._stack.callback(callback)
+
     # --- the Llama, while it is alive -------------------------------------------------------------
 
     @property

@@ -13,13 +13,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.engine.load_settings import MAX_DEFAULT_CTX, check_load_settings
 from helpers.engine.model import Model
 from helpers.errors import ModelLoadError, UsageError
 from helpers.files.gguf_check import read_checked_info
 from helpers.files.gguf_header import ModelInfo, read_info
 from helpers.machine.cpu import physical_cores
-
-MAX_DEFAULT_CTX = 4096
 
 
 def default_n_ctx(info: ModelInfo) -> int:
@@ -97,34 +96,6 @@ def unload_model() -> None:
         model.close()
 
 
-def check_load_settings(n_gpu_layers, n_ctx, n_threads, info: ModelInfo, kwargs: dict | None = None) -> None:
-    """Raise ValueError for settings llama.cpp would reject or crash on, before anything is unloaded."""
-    import inspect
-
-    import llama_cpp
-
-    known = set(inspect.signature(llama_cpp.Llama.__init__).parameters) - {"self", "kwargs", "model_path"}
-    unknown = sorted(set(kwargs or {}) - known)
-    if unknown:
-        raise UsageError(f"Unknown llama_cpp.Llama setting(s): {', '.join(unknown)}; see help(llama_cpp.Llama).")
-    for name in ("n_batch", "n_ubatch"):  # llama.cpp crashes (segfault) on a negative batch size
-        value = (kwargs or {}).get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise UsageError(f"{name} must be a positive integer, got {value!r}.")
-    if n_gpu_layers != "auto" and (isinstance(n_gpu_layers, bool) or not isinstance(n_gpu_layers, int)):
-        raise UsageError(f'n_gpu_layers must be "auto", -1 (all layers) or a number of layers, got {n_gpu_layers!r}.')
-    if n_gpu_layers != "auto" and n_gpu_layers < -1:
-        raise UsageError(f"n_gpu_layers must be -1 (all layers) or more, got {n_gpu_layers}.")
-    limit = max(info.ctx_train, MAX_DEFAULT_CTX) * 8
-    if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 16 <= n_ctx <= limit):
-        raise UsageError(
-            f"n_ctx must be an integer from 16 to {limit} (8x the model's training context of {info.ctx_train}), "
-            f"or None for the default; got {n_ctx!r}."
-        )
-    if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
-        raise UsageError(f"n_threads must be a positive integer or None, got {n_threads!r}.")
-
-
 def _check_path_encoding(path: Path) -> None:
     """llama-cpp-python passes the path to llama.cpp as UTF-8 (`model_path.encode("utf-8")`): a file name that is
     not valid UTF-8 (Latin-1 bytes from an old archive, say) cannot be opened that way."""
@@ -153,9 +124,8 @@ def _load(path: Path, info: ModelInfo, *, n_gpu_layers, n_ctx, n_threads, verbos
                 n_gpu_layers=layers,
                 n_ctx=n_ctx,
                 n_threads=n_threads,
-                n_threads_batch=n_threads,
                 verbose=verbose,
-                **kwargs,
+                **{"n_threads_batch": n_threads, **kwargs},  # one count for both unless told otherwise
             )
         except ValueError as error:
             raise ModelLoadError(_explain_failure(path, info, layers, n_ctx, log, kwargs)) from error
@@ -179,7 +149,7 @@ def load_model(
     state was "loading"), so the model you had keeps working.
     """
     info = read_checked_info(path)  # the file is there, a GGUF model, every header value within llama.cpp's limits
-    check_load_settings(n_gpu_layers, n_ctx, n_threads, info, kwargs)
+    check_load_settings(n_gpu_layers, n_ctx, n_threads, info, kwargs, verbose)
     path = info.path.resolve()
     _check_path_encoding(path)
     n_ctx = n_ctx or default_n_ctx(info)

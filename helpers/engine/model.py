@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from helpers.engine.backend import Backend, SampledToken
-from helpers.errors import ModelUnloadedError
+from helpers.errors import ModelUnloadedError, PromptError
 from helpers.settings import GenerationSettings
 
 ENGINE_THREAD = "llama-engine"
@@ -66,6 +66,7 @@ class Model:
         self._running: Completion | None = None
         self._pending: set[Completion] = set()
         self._computing = threading.Lock()  # one engine thread at a time
+        self._ended_note: str | None = None  # why it was closed, when not by close() or load_model()
 
     # --- lifetime -----------------------------------------------------------------------------------
 
@@ -83,8 +84,11 @@ class Model:
         with self._lock:
             if self._state is not State.READY:
                 raise ModelUnloadedError(
-                    "This model was closed or replaced by another load_model() call, which freed its memory; "
-                    "use the model load_model() returned last (re-run the cells after the load cell)."
+                    self._ended_note
+                    or (
+                        "This model was closed or replaced by another load_model() call, which freed its memory; "
+                        "use the model load_model() returned last (re-run the cells after the load cell)."
+                    )
                 )
             self._users += 1
         try:
@@ -208,6 +212,7 @@ class Model:
             return backend.is_control(token)
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        check_text(text, "The text to tokenize")
         with self._using() as backend:
             return backend.tokenize(text, special=special)
 
@@ -273,7 +278,9 @@ class Model:
         if _on_engine_thread():  # it would wait for itself
             raise RuntimeError("Generation cannot start on an engine thread; call it from any other thread.")
         if self._state is not State.READY:
-            raise ModelUnloadedError("This model was closed or replaced by another load_model() call.")
+            raise ModelUnloadedError(
+                self._ended_note or "This model was closed or replaced by another load_model() call."
+            )
         future: Future = Future()
 
         def engine():
@@ -289,7 +296,13 @@ class Model:
 
     def complete(self, prompt: Sequence[int], settings: GenerationSettings, seed: int) -> Completion:
         """Start evaluating `prompt` and sampling on the engine thread; the returned `Completion` yields
-        the events as they come. Used by `helpers.stream`."""
+        the events as they come. Used by `helpers.stream`. An empty prompt is refused: llama.cpp has nothing to
+        compute the first token from (it reported a memory error, then freed memory twice)."""
+        if not len(prompt):
+            raise PromptError(
+                "The prompt is empty once tokenized (this model's vocabulary turned the text into no tokens): "
+                "there is nothing to answer. Check the model's tokenizer with model.tokenize('Hello')."
+            )
         completion = Completion(self)
         with self._lock:
             self._pending.add(completion)
@@ -395,14 +408,42 @@ def as_model(llm) -> Model:
     if model is None or model.closed:
         from helpers.engine.llama_backend import LlamaCppBackend
 
-        model = Model(
-            LlamaCppBackend(llm, owned=False),
-            path=llm.model_path,
-            n_threads=llm.n_threads,
-            gpu_layers=llm.model_params.n_gpu_layers,
-        )
+        backend = LlamaCppBackend(llm, owned=False)
+        model = Model(backend, path=llm.model_path, n_threads=llm.n_threads, gpu_layers=llm.model_params.n_gpu_layers)
+        backend.before_llama_close(_closer(weakref.ref(model)))
         _wrappers[llm] = model
     return model
+
+
+def _closer(model_ref: weakref.ref) -> Callable[[], None]:
+    """What the user's own `Llama.close()` (or its deletion) runs before freeing the model: the wrapping
+    `Model`'s close, which stops a generation and waits for every call into the Llama to end (freeing it
+    under a running computation crashed the process). On the engine thread itself, where waiting would wait
+    for itself, the Llama is just closed: that thread is not computing then."""
+
+    def close() -> None:
+        model = model_ref()
+        if model is not None and not _on_engine_thread():
+            model._ended_note = "The llama_cpp.Llama behind this model was closed or deleted: build it again."
+            model.close()
+
+    return close
+
+
+def check_text(text, what: str) -> None:
+    """Refuse text that UTF-8 cannot encode (a lone surrogate such as "\\ud800", left by bytes decoded with
+    errors="surrogateescape" or by a JSON "\\ud800" escape): llama.cpp takes UTF-8, and the encoder's own
+    UnicodeEncodeError says nothing about where the text came from."""
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PromptError(
+            f"{what} holds a lone surrogate ({text[error.start]!r} at character {error.start}), which is not text "
+            "UTF-8 can encode: it usually comes from bytes decoded with errors='surrogateescape'. Remove it, or "
+            "replace it first: text.encode('utf-8', 'replace').decode('utf-8')."
+        ) from None
 
 
 def describe_model(llm) -> str:
@@ -423,4 +464,4 @@ def _on_engine_thread() -> bool:
     return threading.current_thread().name.startswith(ENGINE_THREAD)
 
 
-__all__ = ["Model", "Completion", "State", "as_model", "describe_model"]
+__all__ = ["Model", "Completion", "State", "as_model", "check_text", "describe_model"]

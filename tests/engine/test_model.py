@@ -1,6 +1,8 @@
 """The model object with the real small model: what it owns, its lifetime (nothing can crash it), the prompt
 cache across turns, and stopping while the prompt is read."""
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "Write three sentences about the sea."},
 ]
+ROOT = Path(__file__).resolve().parents[2]
 LONG = "Summarise the following notes. " + "The tide rises and falls twice a day along the coast. " * 140
 
 
@@ -135,11 +138,11 @@ def test_load_while_generating_stops_the_generation_first(smol_path):
     "bad, message",
     [
         ({"n_gpu_layers": "lots"}, "n_gpu_layers must be"),
-        ({"n_gpu_layers": -5}, "n_gpu_layers must be -1"),
+        ({"n_gpu_layers": -5}, 'n_gpu_layers must be "auto", -1'),
         ({"n_ctx": -1}, "n_ctx must be an integer from 16"),
-        ({"n_threads": 0}, "n_threads must be a positive integer"),
-        ({"n_batch": -3}, "n_batch must be a positive integer"),  # llama.cpp itself segfaults on it
-        ({"n_ctx_size": 512}, "Unknown llama_cpp.Llama setting"),
+        ({"n_threads": 0}, "n_threads must be an integer from 1 to"),
+        ({"n_batch": -3}, "n_batch must be an integer from 1 to"),  # llama.cpp itself segfaults on it
+        ({"n_ctx_size": 512}, "Unknown load_model setting"),
     ],
 )
 def test_bad_settings_leave_the_loaded_model_alone(smol_path, bad, message):
@@ -381,3 +384,106 @@ def test_when_the_previous_file_cannot_be_loaded_again_the_error_says_it_is_clos
     assert working.closed and working.state.value == "closed"
     with pytest.raises(ModelUnloadedError):
         generate(working, "Hi", GenerationSettings(max_tokens=2))
+
+
+# --- what the engine refuses before llama.cpp sees it ---------------------------------------------------
+
+
+def run_child(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter: a crash there (a segfault, an abort) is a failed test, not a dead run."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_closing_your_own_llama_while_a_helper_streams_with_it_waits_for_the_helper(smol_path):
+    """llama_cpp.Llama.close() freed the model under the running computation (a segfault): now it first stops the
+    generation and waits for it, which ends as 'unloaded while generating', and the process lives on."""
+    code = f"""
+import threading, time
+import llama_cpp
+import helpers
+llama = llama_cpp.Llama(model_path={str(smol_path)!r}, n_ctx=1024, n_threads=1, verbose=False)
+pieces, outcome = [], {{}}
+def work():
+    try:
+        for piece in helpers.stream(llama, "Write a long story about the sea.", helpers.GenerationSettings(max_tokens=300, seed=1)):
+            pieces.append(piece)
+        outcome["end"] = "finished"
+    except helpers.ModelUnloadedError as error:
+        outcome["end"] = "unloaded: " + str(error)[:60]
+worker = threading.Thread(target=work)
+worker.start()
+while len(pieces) < 3 and worker.is_alive():
+    time.sleep(0.01)
+llama.close()
+closed_after = len(pieces)
+worker.join(60)
+print(outcome["end"])
+print(len(pieces) == closed_after, len(pieces) < 300)
+try:
+    helpers.generate(llama, "Hi")
+except helpers.ModelUnloadedError as error:
+    print("after:", str(error)[:40])
+"""
+    done = run_child(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    end, counts, after = done.stdout.splitlines()
+    assert end.startswith("unloaded: The model was unloaded while generating")
+    assert counts == "True True"  # nothing came after close() returned
+    assert after.startswith("after: The llama_cpp.Llama behind this model")
+
+
+def test_an_empty_token_prompt_is_refused_before_llama_cpp(smol_path):
+    """An empty prompt reached llama.cpp (a DecodeError blaming memory, then a double free that killed the process)."""
+    code = f"""
+import helpers
+from helpers.engine.loading import load_model
+model = load_model({str(smol_path)!r}, n_ctx=512)
+settings = helpers.GenerationSettings(max_tokens=4, seed=1, cache_prompt=False)
+for prompt in ([], ()):
+    try:
+        model.complete(prompt, settings, 1)
+    except helpers.PromptError as error:
+        print(type(error).__name__, str(error)[:40])
+print(helpers.generate(model, "Hi", settings).stats.completion_tokens)
+"""
+    done = run_child(code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["PromptError The prompt is empty once tokenized (this"] * 2 + ["4"]
+
+
+@pytest.mark.parametrize("text", ["\ud800", "ok \udfff then", "end \udcff"])
+def test_text_with_a_lone_surrogate_is_refused_clearly(smol, text):
+    settings = GenerationSettings(max_tokens=6, seed=2, cache_prompt=False)
+    before = generate(smol, CHAT, settings).text
+    position = next(i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
+    with pytest.raises(
+        helpers.PromptError, match=rf"The text to tokenize holds a lone surrogate .* at character {position}"
+    ):
+        smol.tokenize(text)
+    with pytest.raises(helpers.PromptError, match=r"Message 1 \(user\) holds a lone surrogate"):
+        generate(smol, text, settings)
+    with pytest.raises(helpers.PromptError, match=r"Message 1 \(system\) holds a lone surrogate"):
+        generate(smol, [{"role": "system", "content": text}, *CHAT[1:]], settings)
+    with pytest.raises(helpers.PromptError, match="The answer prefix holds a lone surrogate"):
+        generate(smol, CHAT, settings, answer_prefix=text)
+    with pytest.raises(ValueError, match="lone surrogate"):  # a PromptError is a ValueError too
+        encode_chat(smol, [{"role": "user", "content": text}])
+    assert generate(smol, CHAT, settings).text == before  # nothing was left broken
+    # The same text, once replaced as the message says, is a prompt like any other.
+    replaced = text.encode("utf-8", "replace").decode("utf-8")
+    assert replaced == text.replace(text[position], "?")
+    assert generate(smol, replaced, settings).stats.completion_tokens > 0
+
+
+def test_a_wrapped_llama_closed_by_its_owner_closes_its_model():
+    from tests.conftest import VOCAB
+
+    llama = llama_cpp.Llama(model_path=str(VOCAB), vocab_only=True, verbose=False)
+    model = as_model(llama)
+    assert model.tokenize("Hello") == llama.tokenize(b"Hello", add_bos=False)
+    llama.close()
+    assert model.closed
+    with pytest.raises(ModelUnloadedError, match=r"^The llama_cpp.Llama behind this model was closed or deleted"):
+        model.tokenize("Hello")
+    with pytest.raises(ModelUnloadedError, match=r"^The llama_cpp.Llama behind this model was closed or deleted"):
+        model.cached_tokens()
