@@ -20,7 +20,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m helpers", description="Chat with a Llama 2 GGUF model.")
     p.add_argument("prompt")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a GGUF path or one of: {', '.join(available_models())}")
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"a GGUF path or one of: {', '.join(available_models())} (default {DEFAULT_MODEL})",
+    )
     p.add_argument("--quant", default=None, help="quantization of a catalogue model (default Q4_K_M)")
     p.add_argument("--offline", action="store_true", help="use the bundled offline model")
     p.add_argument("--n-ctx", type=int, default=None)
@@ -64,25 +68,45 @@ def parse_args(argv):
     return args
 
 
+def model_path(model: str | None, quant: str | None, *, offline: bool) -> Path:
+    """The file --model, --quant and --offline name; a name or quantization the catalogue lacks, or --offline with
+    another model than the bundled one, is an error before anything is downloaded or loaded."""
+    from helpers.errors import UsageError
+    from helpers.files.catalogue import MODELS, OFFLINE_MODEL, get_model
+    from helpers.files.download import resolve_model
+
+    if model and Path(model).is_file():
+        return Path(model)
+    name = model or DEFAULT_MODEL
+    if offline:
+        if model and model != OFFLINE_MODEL:
+            if model not in MODELS and "/" not in model:
+                get_model(model)  # UnknownModelError, listing the catalogue
+            raise UsageError(
+                f"--offline runs the bundled model {OFFLINE_MODEL}, not {model}: leave out --model, or leave out "
+                f"--offline to use {model} (a copy already downloaded is used without a connection)."
+            )
+        get_model(OFFLINE_MODEL, quant)  # its one quantization, or UnknownModelError listing it
+        return resolve_model(OFFLINE_MODEL, offline=True)
+    return resolve_model(name, quant)  # an unknown name or quantization is refused before the Hub is asked
+
+
 def main(argv=None) -> int:
     from helpers.engine.loading import load_model
     from helpers.engine.remote import connect
     from helpers.errors import HelpersError, UsageError
-    from helpers.files.download import resolve_model
     from helpers.generation import GenerationStats, stream
 
     args = parse_args(argv)
     try:
         settings = GenerationSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GenerationSettings)})
-        if args.server:
+        if args.server is not None:
+            if not args.server.strip():
+                raise UsageError("--server needs the server's URL, e.g. --server http://127.0.0.1:8080/v1")
             key = os.environ.get("LLAMA_API_KEY")
             llm = connect(args.server, api_key=key, prompts=args.prompts, tokenizer=args.tokenizer)
         else:
-            path = (
-                Path(args.model)
-                if Path(args.model).is_file()
-                else resolve_model(args.model, args.quant, offline=args.offline)
-            )
+            path = model_path(args.model, args.quant, offline=args.offline)
             if args.n_gpu_layers != "auto" and not args.n_gpu_layers.lstrip("-").isdigit():
                 raise UsageError(f"--n-gpu-layers must be auto or a whole number, not {args.n_gpu_layers!r}")
             layers = args.n_gpu_layers if args.n_gpu_layers == "auto" else int(args.n_gpu_layers)

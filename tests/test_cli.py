@@ -76,3 +76,37 @@ def test_a_missing_file_is_named_as_missing(tmp_path):
         )
     done = run("Hi", "--offline", "--n-gpu-layers", "abc")
     assert done.returncode == 2 and "--n-gpu-layers must be auto or a whole number" in done.stderr
+
+
+def test_an_empty_server_url_is_an_error_not_a_local_model():
+    done = run("hi", "--server", "")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.strip() == "error: --server needs the server's URL, e.g. --server http://127.0.0.1:8080/v1"
+
+
+def test_offline_with_a_model_or_quantization_it_does_not_have_fails_naming_the_ones_there_are():
+    """They quietly ran the bundled model with exit 0."""
+    from helpers.files.catalogue import available_models, quantizations
+
+    done = run("hi", "--model", "no-such-model", "--offline")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.strip() == (
+        f"error: Model 'no-such-model' not found; available: {', '.join(available_models())}."
+    )
+    done = run("hi", "--quant", "Q99", "--offline")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.strip() == (
+        f"error: {OFFLINE_MODEL} has no quantization 'Q99'; available: {', '.join(quantizations(OFFLINE_MODEL))}."
+    )
+    done = run("hi", "--model", "llama-2-13b-chat", "--offline")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"error: --offline runs the bundled model {OFFLINE_MODEL}, not llama-2-13b-chat")
+
+
+def test_offline_with_the_bundled_model_named_runs_it(smol):
+    done = run(
+        "Name a fruit.", "--offline", "--model", OFFLINE_MODEL, "--quant", "Q4_1", "--max-tokens", "8", "--seed", "4"
+    )
+    assert done.returncode == 0, done.stderr
+    expected = generate(smol, "Name a fruit.", GenerationSettings(max_tokens=8, seed=4, cache_prompt=False))
+    assert done.stdout == expected.text + "\n"
