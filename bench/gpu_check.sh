@@ -7,7 +7,9 @@
 #   2. runs the tests marked `gpu` (they must pass, not be skipped);
 #   3. writes a Llama-2-7B-shaped GGUF (bench/make_llama2_gguf.py: real architecture and vocabulary, random
 #      weights; Q4_0 is written directly in seconds) and runs bench/scale.py on it, every layer offloaded
-#      ("auto" puts all 33 on any GPU with 8 GB free);
+#      ("auto" puts all 33 on any GPU with 8 GB free), then bench/speculative.py (issue 20): the SmolLM2 tasks
+#      off / prompt-lookup / llama-cpp-python's prompt lookup, and the cost of verifying k+1 tokens against
+#      one on that file, with the speedup the measured acceptance implies there;
 #   4. prints a short table (bench/gpu_table.py): install path and time, layers offloaded, prompt and
 #      generation tokens/s, time to first token, generation against the GPU's memory-bandwidth ceiling.
 #
@@ -79,6 +81,8 @@ fi
 if [[ ! -f $vocab ]]; then run vocab.log "$python" tests/support/fetch_vocab.py "$(dirname "$vocab")"; fi
 if [[ ! -f $model ]]; then run model.log "$python" bench/make_llama2_gguf.py "$model" --quant "$quant"; fi
 run scale.txt "$python" bench/scale.py --model "$model" --tokens 128
+# Speculative decoding (issue 20): the rows of docs/performance.md's "Speculative decoding" section.
+run speculative.txt "$python" bench/speculative.py --big "$model" --rounds 3
 
 # 4. The table.
 run table.txt "$python" bench/gpu_table.py --install "${install_logs[@]}" --scale "$out/scale.txt" --gpu "$gpu" --model "$model"
