@@ -1,11 +1,13 @@
 """The generation core with the real small model (SmolLM2-135M-Instruct), held against llama-cpp-python's
 own `create_completion` on the same token ids, seed and sampling settings."""
 
+import random
 import threading
 
 import pytest
 
-from helpers.generation import GenerationStats, generate, stream
+from helpers.errors import PromptError, UsageError
+from helpers.generation import GenerationStats, StopStrings, generate, stream
 from helpers.settings import PRESETS, GenerationSettings
 from helpers.templates import encode_chat
 
@@ -200,3 +202,92 @@ def test_a_random_seed_is_in_range_and_reproduces_its_text(smol):
     result = generate(smol, CHAT, settings)
     assert 0 <= result.stats.seed <= 2**32 - 2
     assert generate(smol, CHAT, settings.replace(seed=result.stats.seed)).text == result.text
+
+
+# --- settings as a dict, an empty prompt ---------------------------------------------------------------------
+
+
+def test_settings_may_be_a_dict_of_their_fields(smol):
+    """`generate(model, prompt, settings={...})` raised AttributeError: a dict is read as the dataclass's fields."""
+    fields = {"max_tokens": 10, "seed": 3, "temperature": 0.9, "cache_prompt": False}
+    assert generate(smol, CHAT, fields).text == generate(smol, CHAT, GenerationSettings(**fields)).text
+    assert "".join(stream(smol, CHAT, fields)) == generate(smol, CHAT, GenerationSettings(**fields)).text
+    assert smol.generate(CHAT, fields).stats.completion_tokens == 10
+    with pytest.raises(UsageError, match=r"^Unknown setting\(s\): max_new_tokens, n; the settings are: max_tokens, "):
+        generate(smol, CHAT, {"max_new_tokens": 5, "n": 1})
+    with pytest.raises(UsageError, match=r"^temperature must be a number in \[0.0, 2.0\], got 9"):
+        generate(smol, CHAT, {"temperature": 9})
+    for wrong in ([("max_tokens", 5)], "max_tokens=5", 5):
+        with pytest.raises(UsageError, match="settings must be a GenerationSettings .or a dict of its fields, or None"):
+            generate(smol, CHAT, wrong)
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
+def test_an_empty_prompt_is_refused(smol, prompt):
+    with pytest.raises(PromptError, match="^The prompt is empty: write something"):
+        generate(smol, prompt)
+    assert generate(smol, "Hi", GenerationSettings(max_tokens=3, seed=1)).stats.completion_tokens == 3
+
+
+# --- stop strings --------------------------------------------------------------------------------------------
+
+
+def cut_at_first_stop(pieces, stops) -> tuple[str, bool]:
+    """The definition: after each token, look for the stop strings in all the text so far (an unfinished character
+    left out, leading whitespace dropped); the first time one is there, the text before the earliest-starting
+    one is the answer."""
+    for k in range(1, len(pieces) + 1):
+        text = b"".join(pieces[:k]).decode("utf-8", errors="ignore").lstrip()
+        starts = [i for i in (text.find(s) for s in stops) if i >= 0]
+        if starts:
+            return text[: min(starts)], True
+    return b"".join(pieces).decode("utf-8").lstrip(), False
+
+
+def through_stop_strings(pieces, stops) -> tuple[str, bool]:
+    matcher, out = StopStrings(stops), []
+    for piece in pieces:
+        ready, stopped = matcher.add(piece)
+        out.append(ready)
+        if stopped:
+            return "".join(out), True
+    return "".join(out) + matcher.flush(), False
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stop_strings_cut_where_the_definition_cuts(smol, seed):
+    """Many stop strings of every kind (inside one token, across tokens, prefixes of each other, overlapping,
+    with multi-byte characters split between tokens), fed the real pieces of the small model's tokenizer."""
+    rng = random.Random(seed)
+    text = "  Der Fluß fließt — 海は広い 🌊. " + " ".join(
+        rng.choice(["sea", "tide", "wave", "shore"]) for _ in range(60)
+    )
+    pieces = [smol.detokenize([t]) for t in smol.tokenize(text)]
+    assert b"".join(pieces).decode("utf-8") == text
+    for _ in range(20):
+        stops = [
+            "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(5, 9))) for _ in range(500)
+        ]
+        for _ in range(rng.randint(0, 4)):  # a few that do occur, some starting inside another
+            start = rng.randrange(len(text) - 1)
+            stops.append(text[start : start + rng.randint(1, 12)].strip() or "x")
+        rng.shuffle(stops)
+        assert through_stop_strings(pieces, stops) == cut_at_first_stop(pieces, stops)
+
+
+def test_nothing_that_could_still_become_a_stop_string_is_shown_early():
+    """Each text handed out is final: no later piece can turn its end into the start of a stop string."""
+    stops = ["<|end|>", "###", "Observation:"]
+    pieces = [b"The ans", b"wer <", b"|en", b"d", b"|> more"]
+    matcher, shown = StopStrings(stops), []
+    for piece in pieces:
+        ready, stopped = matcher.add(piece)
+        shown.append(ready)
+        if stopped:
+            break
+    assert shown == ["The ans", "wer ", "", "", ""] and stopped
+    pieces = [b"Obs", b"ervation", b" noted: ", b"#", b"#!"]
+    matcher = StopStrings(stops)
+    assert [matcher.add(p) for p in pieces] == [
+        ("", False), ("", False), ("Observation noted: ", False), ("", False), ("##!", False)
+    ]  # fmt: skip
