@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
-from helpers.engine.backend import Backend, SampledToken
+from helpers.engine.backend import Backend
 from helpers.errors import ModelUnloadedError, PromptError
 from helpers.settings import GenerationSettings
 
@@ -337,7 +337,7 @@ class Model:
 
 class Completion:
     """One generation running on a model's engine thread: `next_event()` hands over its `PromptProgress` and
-    `SampledToken` events with the time each was made; `cancel()` stops it (mid-prompt too); `close()`
+    sampled-token events with the time each was made; `cancel()` stops it (mid-prompt too); `close()`
     cancels if needed and waits until the engine is free."""
 
     def __init__(self, model: Model):
@@ -346,16 +346,15 @@ class Completion:
         self.cancel_event = threading.Event()
         self.future: Future | None = None
         self.finished = False
-        self.sampling = False  # the prompt is read and tokens are coming
 
     def next_event(self, stop_event: threading.Event | None = None):
         """(event, time), or None when the engine is done. Cancels the completion as soon as `stop_event`
-        is set: within 50 ms while the prompt is read (even inside one long graph computation), at the next
-        token after that."""
+        is set: within 50 ms, while the prompt is read (even inside one long graph computation) and while a
+        server goes silent between tokens."""
         while True:
             if stop_event is not None and stop_event.is_set():
                 self.cancel()
-            polling = stop_event is not None and not self.sampling and not self.cancel_event.is_set()
+            polling = stop_event is not None and not self.cancel_event.is_set()
             try:
                 item = self.queue.get(timeout=_POLL_SECONDS if polling else None)
             except queue.Empty:
@@ -365,7 +364,6 @@ class Completion:
                 return None
             if isinstance(item[0], BaseException):
                 raise item[0]
-            self.sampling = self.sampling or isinstance(item[0], SampledToken)
             return item
 
     def events(self, stop_event: threading.Event | None = None):

@@ -434,6 +434,21 @@ def test_stop_ends_a_wait_on_a_server_gone_silent():
         assert generate(model, "hello").text == "Hi there!"  # the model is usable again
 
 
+def test_stop_ends_a_wait_on_a_server_gone_silent_after_a_token():
+    """One token, then nothing: Stop is seen between tokens too, not only before the first."""
+    with FakeServer() as fake:
+        model = connect(fake.url, template="llama-2")
+        fake.state.mode = "silent-after-token"
+        stop, stats = threading.Event(), GenerationStats()
+        threading.Timer(1.0, stop.set).start()
+        started = time.monotonic()
+        text = "".join(stream(model, "hello", stop_event=stop, stats=stats))
+        assert stats.finish_reason == "cancelled" and time.monotonic() - started < 3
+        assert text and stats.completion_tokens == 1
+        fake.state.mode = "ok"
+        assert generate(model, "hello").text == "Hi there!"
+
+
 def test_stream_timeout_bounds_a_whole_completion():
     with FakeServer() as fake:
         model = connect(fake.url, template="llama-2", stream_timeout=1)
