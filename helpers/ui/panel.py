@@ -104,6 +104,7 @@ class ChatPanel:
         self._applying_preset = False  # a preset is setting the controls: they do not re-pick the preset
         self._typed_at = 0.0  # when the browser last sent the prompt box's text (time.monotonic)
         self._sent_text = ""  # the box's text, Enter included, that the last Enter sent
+        self._reading_text = False  # a change from the browser is being read: what the panel sets is not one
 
         n_ctx = self._n_ctx()
         self._build_outputs(w, n_ctx)
@@ -630,8 +631,15 @@ class ChatPanel:
     def _on_prompt_text(self, change) -> None:
         """A change of the box's text: from the browser (typing, a paste, Enter) or set here. Enter sends
         what is before it (`helpers.ui.prompt_box.sent_by_enter`), unless Enter is set to type line breaks."""
-        if self.prompt._property_lock.get("value", None) != change["new"]:  # set here, by a test or a cell
-            return
+        if self._reading_text or self.prompt._property_lock.get("value", None) != change["new"]:
+            return  # set here (ipywidgets 8 puts what the kernel sets in the lock too), by a test or a cell
+        self._reading_text = True
+        try:
+            self._read_prompt_text(change)
+        finally:
+            self._reading_text = False
+
+    def _read_prompt_text(self, change) -> None:
         self._typed_at = time.monotonic()
         text = after_sent(self._sent_text, change["new"])
         self._sent_text = ""
