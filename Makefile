@@ -77,7 +77,8 @@ FAST := not model and not server and not kernel and not browser and not gpu
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -n 4 -m "$(FAST)"
 
-# JupyterLab driven by headless Chromium (Debian's package; Playwright never downloads a browser).
+# JupyterLab 4, Notebook 7 and, on Colab's widget stack (.venv313), the classic notebook, driven by headless Chromium
+# (Debian's package; Playwright never downloads a browser).
 test-browser: $(STAMP) $(CLASSIC_STAMP)
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	$(BIN)/python -m pytest -m browser tests/browser

@@ -6,7 +6,6 @@ after `lifetime_s` whatever happens. Its kernels are children of the server and 
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -29,16 +28,6 @@ class ClassicNotebook:
 
     def notebook_url(self, name: str) -> str:
         return f"{self.url}/notebooks/{name}?token={self.token}"
-
-    def kernel_state(self) -> str | None:
-        """The execution state of the first session's kernel ("idle", "busy", ...), or None (no session yet,
-        or the server was too busy to answer)."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/api/sessions?token={self.token}", timeout=10) as response:
-                sessions = json.load(response)
-        except OSError:
-            return None
-        return sessions[0]["kernel"]["execution_state"] if sessions else None
 
 
 @contextmanager
