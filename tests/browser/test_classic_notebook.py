@@ -1,10 +1,12 @@
 """End to end on Colab's widget stack, as close as this machine allows: the classic Jupyter Notebook 6.5.7 front end
-with widgetsnbextension 3.6.10 (ipywidgets 7.7.1's JavaScript, the widget front end Colab runs) and a Python 3.13
+with widgetsnbextension 3.6.10 (ipywidgets 7.7.1's JavaScript: the widget version Colab's front end runs) and a Python 3.13
 kernel with ipykernel 6.17.1, IPython 7.34.0 and ipywidgets 7.7.1 (`make classic-env` builds .venv313), in headless
-Chromium driven by Playwright. Run All, then the panel used as a person would: a seeded Markdown list shown as a
-list, Generate, Enter, typing at 5 ms per key then Enter at once (three times, and while another cell keeps the
-kernel busy), Regenerate, Stop, Continue, Edit of the first turn, the "Enter: new line" switch, Export, Clear and
-Resume, each answer's own figures; and the browser console free of errors. Screenshots in test-artifacts/.
+Chromium driven by Playwright, at 1280 px. Run All, then the panel used as a person would: the buttons on one row
+and no sideways scrollbar, a seeded Markdown list shown as a list, Generate, Enter, typing at 5 ms per key then
+Enter at once (three times, and while another cell keeps the kernel busy), a pasted three-line prompt shown with
+its line breaks, a 200-character word kept inside its bubble, Regenerate, Stop, Continue, Edit of the first turn,
+the "Enter: new line" switch, Export, Clear and Resume, each answer's own figures; and the browser console free of
+errors. Screenshots in test-artifacts/ (ignored by git).
 
 Widgets are found by what a person sees (placeholders, labels, button text and tooltips) and the panel's classes,
 not by position."""
@@ -47,6 +49,8 @@ SEEDED_ANSWER = "Three fruits:\n\n- apple\n- **pear**\n- plum"
 BUSY_CELL = "import time\ntime.sleep(10 if globals().get('BUSY_RAN') else 0)\nBUSY_RAN = True"
 FAST_QUESTIONS = ["What is the capital of France?", "Hello! Who are you?", "What is 2+2?"]
 BUSY_QUESTION = "And what is the capital of Spain?"
+PASTED = "Fix this code:\ndef add(a, b):\n    return a - b"
+LONG_WORD = "Pneumonoultramicroscopicsilicovolcanoconiosis" * 4 + "x" * 20  # 200 characters
 
 pytestmark = pytest.mark.browser
 
@@ -100,7 +104,9 @@ def test_panel_on_colabs_widget_front_end(classic):
                 "--disable-sync",
             ],
         )
-        page = browser.new_page(viewport={"width": 1280, "height": 1600})
+        context = browser.new_context(viewport={"width": 1280, "height": 1600})
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+        page = context.new_page()
         page.on("console", lambda m: console.append((m.type, m.text, m.location.get("url", ""))))
         page.on("pageerror", lambda e: console.append(("pageerror", str(e), "")))
         page.on("requestfailed", lambda r: failed.append(r.url))
@@ -110,7 +116,7 @@ def test_panel_on_colabs_widget_front_end(classic):
             "() => window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel && Jupyter.notebook.kernel.is_connected()",
             timeout=120_000,
         )
-        wait_for(lambda: server.kernel_state() == "idle", 120, "the kernel to start")
+        page.locator("#kernel_indicator_icon.kernel_idle_icon").wait_for(timeout=120_000)  # the kernel is ready
         # The front end is ipywidgets 7's (controls 1.5.0; ipywidgets 8's is 2.0.0), loaded by the nbextension.
         controls = page.evaluate(
             "() => requirejs.s.contexts._.defined['nbextensions/jupyter-js-widgets/extension'].JUPYTER_CONTROLS_VERSION"
@@ -176,6 +182,12 @@ def test_panel_on_colabs_widget_front_end(classic):
         assert page.locator(".llama2-textgen-reopen").first.is_hidden()
         shot("seeded")
 
+        # At 1280 px the buttons are on one row, and nothing is wider than its place (no sideways scrollbar).
+        row = panel.locator(".widget-hbox", has=page.locator("button", has_text=re.compile("^Generate"))).first
+        tops = {round(item.bounding_box()["y"]) for item in row.locator("> *").all()}
+        assert len(tops) == 1, tops
+        assert not too_wide(panel), too_wide(panel)
+
         # Generate, then Enter: each sends the box's text and empties it.
         prompt.fill("Name a river.")
         button("Generate").click()
@@ -201,7 +213,7 @@ def test_panel_on_colabs_widget_front_end(classic):
         # ... and while another cell keeps the kernel busy (10 s): the prompt waits, neither lost nor cut.
         busy.locator(".CodeMirror").click()
         page.keyboard.press("Control+Enter")
-        wait_for(lambda: server.kernel_state() == "busy", 30, "the busy cell to run")
+        wait_for(lambda: "[*]" in busy.locator(".input_prompt").inner_text(), 30, "the busy cell to run")
         prompt.click()
         prompt.press_sequentially(BUSY_QUESTION, delay=5)
         prompt.press("Enter")
@@ -211,11 +223,34 @@ def test_panel_on_colabs_widget_front_end(classic):
         assert sent == [(q, "") for q in [*FAST_QUESTIONS, BUSY_QUESTION]]
         shot("fast-typing")
 
+        # A pasted three-line prompt keeps its line breaks, in the box and in the conversation.
+        page.evaluate("text => navigator.clipboard.writeText(text)", PASTED)
+        prompt.click()
+        page.keyboard.press("Control+V")
+        assert prompt.input_value() == PASTED
+        prompt.press("Control+End")
+        prompt.press("Enter")
+        finished()
+        assert users()[-1] == PASTED and prompt.input_value() == ""
+        shot("pasted")
+
+        # A 200-character word stays inside its own bubble: every message in view, no sideways scrolling.
+        question = f"Spell this word backwards: {LONG_WORD}"
+        prompt.fill(question)
+        prompt.press("Enter")
+        finished()
+        chat = transcript.locator(".l2t-chat").bounding_box()
+        for bubble in transcript.locator(".l2t-msg").all():
+            box = bubble.bounding_box()
+            assert chat["x"] <= box["x"] and box["x"] + box["width"] <= chat["x"] + chat["width"] + 1, (box, chat)
+        assert not too_wide(panel), too_wide(panel)
+        shot("long-word")
+
         # Regenerate: a new last answer in place of the old one.
         count = len(answers())
         button("Regenerate").click()
         finished()
-        assert len(answers()) == count and users()[-1] == BUSY_QUESTION
+        assert len(answers()) == count and users()[-1] == question
 
         # Stop mid-answer (room for 400 tokens), then Continue extends the stopped answer.
         panel.get_by_text("Settings:").click()
@@ -230,19 +265,18 @@ def test_panel_on_colabs_widget_front_end(classic):
         assert "finish: cancelled" in finished()
         assert "stopped" in answers()[-1].locator(".l2t-finish").inner_text()
         shot("stopped")
-        before = answers()[-1].inner_text()
-        button("Continue").click()
-        wait_for(lambda: len(answers()[-1].inner_text()) > len(before) + 20, 120, "Continue to extend the answer")
-        button("Stop").click()
-        finished()
-        assert len(answers()) == count + 1
+        # Continue extends the stopped answer from where it ended (24 more tokens at most).
         max_tokens.fill("24")
         max_tokens.press("Enter")
+        kept = answers()[-1].locator("p").first.inner_text()  # the stopped answer's first paragraph
+        button("Continue").click()
+        finished()
+        assert len(answers()) == count + 1 and kept in answers()[-1].inner_text()
 
         # Edit the first turn: back in the box, the note says what sending drops; sending leaves one turn.
         panel.locator("select").filter(has=page.locator("option", has_text="1: ")).select_option(index=0)
         button("Edit").click()
-        assert prompt.input_value() == "List three fruits."
+        wait_for(lambda: prompt.input_value() == "List three fruits.", 20, "Edit to put the first turn in the box")
         wait_for(lambda: "drops" in note.inner_text(), 10, "the note on what Edit drops")
         shot("editing")
         prompt.fill("List three vegetables.")
@@ -290,3 +324,15 @@ def test_panel_on_colabs_widget_front_end(classic):
         assert errors == [], errors
         assert all("127.0.0.1" not in url for url in failed), failed
         browser.close()
+
+
+def too_wide(panel):
+    """The panel and the output area around it, where their content is wider than they are (a scrollbar)."""
+    return panel.evaluate(
+        """e => { const wide = [];
+        for (let n = e; n && !n.classList.contains('cell'); n = n.parentElement) {
+            if (n.scrollWidth > n.clientWidth + 1 && getComputedStyle(n).overflowX !== 'visible')
+                wide.push(n.className + ' ' + n.scrollWidth + '>' + n.clientWidth);
+        }
+        return wide; }"""
+    )
