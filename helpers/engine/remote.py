@@ -64,6 +64,7 @@ from helpers.errors import (
     UsageError,
     scrubbed,
 )
+from helpers.files.hub import notice
 from helpers.settings import GenerationSettings
 
 # --- the backend ---------------------------------------------------------------------------------------
@@ -108,6 +109,7 @@ class RemoteBackend:
         self.last_usage = Usage()
         self._lock = threading.Lock()
         self._exchange: Exchange | None = None  # the completion under way
+        self._told_speculative = False  # the notice that `settings.speculative` is not sent, given once
 
     def n_ctx(self) -> int:
         return self._n_ctx
@@ -172,6 +174,12 @@ class RemoteBackend:
         self, prompt: Sequence[int], settings: GenerationSettings, seed: int, cancel: threading.Event
     ) -> Iterator[PromptProgress | SampledToken]:
         prompt = list(prompt)
+        if settings.speculative and not self._told_speculative:
+            self._told_speculative = True  # llama-server's requests take no speculative options (server-schema.cpp)
+            notice(
+                f"speculative={settings.speculative!r} is ignored with a server: llama-server speculates by "
+                "itself when started with --spec-type ngram-simple (or a draft model)."
+            )
         self.last_usage = usage = Usage()
         request = self.request(prompt, settings, seed)
         limit = f"the stream_timeout of {self.stream_timeout:g} s" if self.stream_timeout else ""

@@ -449,6 +449,17 @@ def test_stop_ends_a_wait_on_a_server_gone_silent_after_a_token():
         assert generate(model, "hello").text == "Hi there!"
 
 
+def test_speculative_is_ignored_by_a_server_with_one_notice(capsys):
+    """The server's requests take no speculative options: the answer is the same, and the notice comes once."""
+    with FakeServer() as fake:
+        model = connect(fake.url, template="llama-2")
+        plain = generate(model, "hello").text
+        speculative = GenerationSettings(speculative="prompt-lookup")
+        assert [generate(model, "hello", speculative).text for _ in range(2)] == [plain, plain]
+    notices = [line for line in capsys.readouterr().err.splitlines() if "is ignored with a server" in line]
+    assert len(notices) == 1 and "--spec-type" in notices[0]
+
+
 def test_stream_timeout_bounds_a_whole_completion():
     with FakeServer() as fake:
         model = connect(fake.url, template="llama-2", stream_timeout=1)
