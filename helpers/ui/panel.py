@@ -280,6 +280,7 @@ class ChatPanel:
         self.preset.observe(self._apply_preset, names="value")
         for name in SAMPLING:
             self.controls[name].observe(self._mark_custom, names="value")
+            self.controls[name].observe(self._say_bound, names="value")
         self.generate_button.on_click(lambda _: self._generate_clicked())
         self.stop_button.on_click(lambda _: self._stop.set())
         self.regenerate_button.on_click(lambda _: self.regenerate())
@@ -334,6 +335,18 @@ class ChatPanel:
     def _on_system_prompt(self, change) -> None:
         self.conversation.system_prompt = change["new"]  # the one copy: the conversation shows it on top
         self._refresh()
+
+    def _say_bound(self, change) -> None:
+        """A slider sets a value typed beyond its range to its end without a word (the browser's readout and
+        traitlets alike), so at either end the note says where it stands. Presets are left out."""
+        control = change["owner"]
+        if self._applying_preset or not hasattr(control, "max"):
+            return
+        for end, word in ((control.max, "maximum"), (control.min, "minimum")):
+            if change["new"] == end:
+                self.note.value = html.escape(
+                    f"{control.description}: set to {end:g}, its {word} (a value beyond it is set to {end:g})."
+                )
 
     def _bound_max_tokens(self, change) -> None:
         control = self.controls["max_tokens"]

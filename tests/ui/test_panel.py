@@ -480,6 +480,13 @@ def test_controls_are_bounded_and_labelled(panel, smol):
     max_tokens.value = 10**6
     assert max_tokens.value == smol.n_ctx() and "1,000,000 is outside" in panel.note.value
     assert panel.controls["top_p"].min > 0  # top p = 0 is not allowed
+    panel.controls["temperature"].value = 99  # ipywidgets sets it to the slider's end, as the browser does
+    assert panel.controls["temperature"].value == 2.0
+    assert "Temperature: set to 2, its maximum (a value beyond it is set to 2)." in panel.note.value
+    panel.controls["temperature"].value = 0.7
+    panel.controls["top_k"].value = -5
+    assert "Top k: set to 0, its minimum" in panel.note.value
+    panel.controls["top_k"].value = 40
     assert (panel.system.description, panel.stop_strings.description) == ("System prompt", "Stop strings")
     assert panel.stop_button.description == "Stop" and panel.stop_strings.description != "Stop"
     panel.seed.value = "abc"
