@@ -668,6 +668,7 @@ class ChatPanel:
             return
         self._sent_text = text
         if not self._launch("new", prompt):
+            self._sent_text = ""  # nothing went out: the next Enter on the same text must send it
             self.prompt.value = prompt  # refused (the reason is shown): the box keeps it, without the Enter
 
     def _generate_clicked(self) -> None:

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 
 def sent_by_enter(before: str, after: str) -> str | None:
-    """The prompt to send when the change `before` -> `after` ends with Enter typed at the end of the text
-    (the letters typed before it may come in the same update); None for anything else: typing, a line break
-    typed inside the text, a paste of several lines. The prompt has the text's own line breaks, and no line
-    breaks or spaces at its end."""
-    if not after.endswith("\n") or not after.startswith(before):
-        return None
-    added = after[len(before) :]
-    if "\n" in added[:-1]:  # a paste of several lines (the Enter after it comes on its own)
+    """The prompt to send when the change `before` -> `after` adds one line break, at the end of the text:
+    Enter typed there (the keystrokes before it, corrections inside the text too, may come in the same
+    update). None for anything else: typing, a line break typed inside the text, a paste of several lines.
+    The prompt has the text's own line breaks, and no line breaks or spaces at its end."""
+    if not after.endswith("\n") or after.count("\n") != before.count("\n") + 1:
         return None
     return after.rstrip()
 

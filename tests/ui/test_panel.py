@@ -211,6 +211,16 @@ def test_a_pasted_multi_line_prompt_keeps_its_line_breaks_token_for_token(panel,
     assert text[2] == pasted  # shown with its line breaks (the bubble keeps them: white-space: pre-wrap)
 
 
+def test_enter_again_after_a_refused_send_sends_and_keeps_the_text():
+    """No model: Enter is refused with the reason shown and the box keeps its text; Enter again on the same
+    text is handled the same way, not taken for the echo of a prompt that went out (which emptied the box)."""
+    ui = build_ui(None)
+    for _ in range(2):
+        browser_sends(ui.panel, "hi")
+        browser_sends(ui.panel, "hi\n")
+        assert ui.panel.prompt.value == "hi" and ui.panel.error.value
+
+
 def test_enter_types_a_line_break_when_switched_and_generate_sends(panel):
     panel.newline_mode.value = True
     browser_sends(panel, "First line\n")

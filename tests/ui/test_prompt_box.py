@@ -30,6 +30,13 @@ def test_a_pasted_block_keeps_its_lines_and_the_enter_after_it_sends():
     assert sent_by_enter("Fix: " + pasted, "Fix: " + pasted + "\n") == "Fix: line one\nline two\nline three"
 
 
+def test_a_correction_merged_with_enter_still_sends_what_the_box_shows():
+    """A slow front end merges the keystrokes of a fix inside the text with the Enter after it."""
+    assert sent_by_enter("What is th capital", "What is the capital\n") == "What is the capital"
+    assert sent_by_enter("hello wor", "hello\n") == "hello"
+    assert sent_by_enter("a\nb", "a\nbc\n") == "a\nbc"
+
+
 def test_a_line_break_inside_the_text_or_a_deletion_is_not_enter():
     assert sent_by_enter("ab", "a\nb") is None
     assert sent_by_enter("abc\n", "abc") is None
