@@ -242,7 +242,8 @@ class LlamaCppBackend:
                         return
                     if drafter is not None:
                         drafter.add([out])
-                left = min(settings.max_tokens - produced, self.n_ctx() - llama.n_tokens) - 1
+                # llama-cpp-python's batch holds n_batch tokens and `set_batch` writes without a bounds check
+                left = min(settings.max_tokens - produced, self.n_ctx() - llama.n_tokens, llama.n_batch) - 1
                 draft = drafter.draft(left) if drafter is not None else []
                 if not self._decode(llama, [token, *draft], llama.n_tokens, logits=len(draft) + 1):
                     return

@@ -177,6 +177,22 @@ def test_max_tokens_inside_a_draft(smol):
     assert on.text == generate(smol, messages, OFF.replace(max_tokens=limit)).text
 
 
+def test_a_draft_never_outgrows_the_batch(smol_path):
+    """llama-cpp-python's batch holds n_batch tokens and writes into it without a bounds check: the token and
+    its draft must fit (a draft of 10 in a batch of 4 wrote past it)."""
+    from helpers import as_model
+
+    llama = llama_cpp.Llama(model_path=str(smol_path), n_ctx=1024, n_batch=4, n_ubatch=4, verbose=False)
+    with as_model(llama) as small_batch:
+        completion = small_batch.complete(encode_chat(small_batch, FIX), ON, ON.seed)
+        try:
+            drafts = [event.proposed for event, _ in completion.events() if isinstance(event, DraftCheck)]
+        finally:
+            completion.close()
+    assert drafts and max(drafts) == 3  # drafts were made, each at most n_batch - 1 tokens
+    llama.close()
+
+
 def test_the_prompt_cache_after_a_speculative_turn(smol):
     settings = ON.replace(cache_prompt=True)
     messages = FIX
