@@ -43,6 +43,7 @@ would reach for (the way huggingface_hub's `HfHubHTTPError` is also an `OSError`
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 from urllib.parse import quote, unquote
@@ -233,6 +234,9 @@ _HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}")
 TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")  # where huggingface_hub finds a token
 
 
+_CUT_SECRET = 6  # the shortest start of a cut secret that is still scrubbed
+
+
 def scrub(text: str, secrets=()) -> str:
     """`text` with every secret replaced by `***`: each of `secrets` (an API key, a token, a password) as written,
     URL-encoded and inside HTTP Basic credentials; the tokens in `HF_TOKEN` and `HUGGING_FACE_HUB_TOKEN`; URL
@@ -243,12 +247,17 @@ def scrub(text: str, secrets=()) -> str:
     found = {s for s in (*secrets, *(os.environ.get(v) for v in TOKEN_VARIABLES)) if isinstance(s, str) and s}
     forms = set()
     for secret in found:
-        forms |= {secret, quote(secret, safe=""), unquote(secret)}
+        forms |= {secret, quote(secret, safe=""), unquote(secret), repr(secret)[1:-1], json.dumps(secret)[1:-1]}
     for secret in list(forms):
         encoded = base64.b64encode(secret.encode()).decode()
         forms |= {encoded, encoded.rstrip("=")}  # padded first (longer), then as a prefix of longer base64
-    for form in sorted((f for f in forms if len(f) >= 3), key=len, reverse=True):
+    forms = sorted((f for f in forms if len(f) >= 3), key=len, reverse=True)
+    for form in forms:
         text = text.replace(form, "***")
+    for form in forms:  # a message cut to length may have cut a secret: its first 6 characters or more go too
+        for end in range(len(form) - 1, _CUT_SECRET - 1, -1):
+            if form[:end] in text:
+                text = text.replace(form[:end], "***")
     text = _USERINFO.sub("***@", text)
     text = _AUTH_VALUE.sub(lambda m: f"{m[1]}{m[2]}***", text)
     return _HF_TOKEN.sub("hf_***", text)

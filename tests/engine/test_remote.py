@@ -525,6 +525,18 @@ def test_deep_json_is_refused_before_parsing():
         bounded_json("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1))
 
 
+def test_a_secret_cut_by_a_shortened_message_or_escaped_by_repr_is_scrubbed():
+    """Messages quote a server's answer cut to a length, and reprs double backslashes: neither leaves a part."""
+    from helpers.errors import scrub
+
+    key = "sk-live-0123456789abcdefSECRETKEYtail"
+    said = f"Incorrect API key provided: {'x' * 250} {key} ..."[:300]
+    assert key[:19] in said and "0123456789" not in scrub(f"The server said: {said}). Pass the key", [key])
+    password = "pa'ss\\w0rd"
+    assert "w0rd" not in scrub(repr(f"echo {password}"), [password])
+    assert scrub("sk-li: a start too short to be a secret", [key]) == "sk-li: a start too short to be a secret"
+
+
 def test_every_form_of_a_secret_is_scrubbed():
     """As written, URL-encoded, inside Basic credentials (base64 of user:password), as a URL's userinfo."""
     import base64
