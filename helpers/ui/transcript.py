@@ -189,6 +189,7 @@ def _unencodable(message) -> bool:
 MAX_LOAD_BYTES = 20_000_000  # far above any chat a context window holds; a bigger file is not an export
 FINISHES = ("stop", "length", "cancelled", None)
 STATS_FIELDS = {f.name for f in dataclasses.fields(GenerationStats)}
+TEXT_STATS = {f.name for f in dataclasses.fields(GenerationStats) if f.type in (str, "str")}  # the rest are numbers
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def load_conversation(path) -> SavedConversation:
         raise DialogError(f"{path} is {path.stat().st_size:,} bytes: not a conversation Export wrote.")
     try:
         record = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise DialogError(f"{path.name} is not JSON ({error}): pick the .json file that Export wrote.") from None
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise DialogError(f'{path.name} has no "messages" list: pick the .json file that Export wrote.')
@@ -226,6 +227,10 @@ def load_conversation(path) -> SavedConversation:
                 f"{path.name}: message {i + 1} after the system prompt is from {message['role']!r}, {expected!r} "
                 "was expected (a system prompt may only come first, then user and assistant in turn)."
             )
+    if len(messages) % 2:
+        raise DialogError(
+            f"{path.name} ends with a message from the user, without its answer: Export writes whole turns."
+        )
     metadata = {k: v for k, v in record.items() if k != "messages"}
     return SavedConversation(system_prompt=system, messages=messages, metadata=metadata)
 
@@ -255,7 +260,7 @@ def _checked_message(i: int, message) -> dict:
     stats = message.get("stats")
     if stats is not None:
         numbers = isinstance(stats, dict) and all(
-            k in STATS_FIELDS and (isinstance(v, str) or _finite(v)) for k, v in stats.items()
+            k in STATS_FIELDS and (isinstance(v, str) if k in TEXT_STATS else _finite(v)) for k, v in stats.items()
         )
         if not numbers:
             raise DialogError(f"{where} stats must be the figures Export wrote ({', '.join(sorted(STATS_FIELDS))}).")

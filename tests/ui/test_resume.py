@@ -51,6 +51,10 @@ BAD = {
     b'"stats": {"completion_tokens": NaN}}]}',
     "unknown stat": b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", '
     b'"stats": {"evil": 1}}]}',
+    "a number stat as text": b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": '
+    b'"b", "stats": {"completion_tokens": "5"}}]}',
+    "nested too deep": b'{"messages": ' + b"[" * 100_000,
+    "a question without its answer": b'{"messages": [{"role": "user", "content": "a"}]}',
 }
 
 
