@@ -279,6 +279,10 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         max_tokens = page.locator(".widget-inline-hbox", has_text="Max new tokens").locator("input")
         max_tokens.fill("400")
         max_tokens.press("Enter")
+        # The front end can hold a box's new value while an update of that box is unanswered, and Enter in the
+        # prompt goes out at once: give the kernel the moment a person takes to move to the prompt (in a clean
+        # run the story was cut at the old 64 tokens before Stop could be pressed).
+        time.sleep(1.5)
         prompt.fill("Write a long story about a cat who learns to sail.")
         prompt.press("Enter")
         answer = transcript.locator(".l2t-msg").nth(count + 1)
