@@ -74,6 +74,7 @@ def ui_rate(llm, settings) -> tuple[float, int]:
     from helpers.ui import build_ui
 
     panel = build_ui(llm, settings=settings).panel
+    panel.clear()  # a new panel takes the last one's conversation over: each round answers the one question
     panel.prompt.value = STORY[0]["content"]
     panel.start()
     panel.wait()
