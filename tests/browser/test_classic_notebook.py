@@ -23,6 +23,7 @@ import pytest
 
 from helpers.demo import inject_parameters
 from tests.support.classic_notebook import running_classic_notebook
+from tests.support.panel_page import too_wide
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -186,7 +187,7 @@ def test_panel_on_colabs_widget_front_end(classic):
         row = panel.locator(".widget-hbox", has=page.locator("button", has_text=re.compile("^Generate"))).first
         tops = {round(item.bounding_box()["y"]) for item in row.locator("> *").all()}
         assert len(tops) == 1, tops
-        assert not too_wide(panel), too_wide(panel)
+        assert not too_wide(panel, "cell"), too_wide(panel, "cell")
 
         # Generate, then Enter: each sends the box's text and empties it.
         prompt.fill("Name a river.")
@@ -243,7 +244,7 @@ def test_panel_on_colabs_widget_front_end(classic):
         for bubble in transcript.locator(".l2t-msg").all():
             box = bubble.bounding_box()
             assert chat["x"] <= box["x"] and box["x"] + box["width"] <= chat["x"] + chat["width"] + 1, (box, chat)
-        assert not too_wide(panel), too_wide(panel)
+        assert not too_wide(panel, "cell"), too_wide(panel, "cell")
         shot("long-word")
 
         # Regenerate: a new last answer in place of the old one.
@@ -324,15 +325,3 @@ def test_panel_on_colabs_widget_front_end(classic):
         assert errors == [], errors
         assert all("127.0.0.1" not in url for url in failed), failed
         browser.close()
-
-
-def too_wide(panel):
-    """The panel and the output area around it, where their content is wider than they are (a scrollbar)."""
-    return panel.evaluate(
-        """e => { const wide = [];
-        for (let n = e; n && !n.classList.contains('cell'); n = n.parentElement) {
-            if (n.scrollWidth > n.clientWidth + 1 && getComputedStyle(n).overflowX !== 'visible')
-                wide.push(n.className + ' ' + n.scrollWidth + '>' + n.clientWidth);
-        }
-        return wide; }"""
-    )

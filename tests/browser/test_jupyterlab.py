@@ -22,6 +22,7 @@ import nbformat
 import pytest
 
 from helpers.demo import inject_parameters
+from tests.support.panel_page import too_wide
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -174,7 +175,7 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         items = row.locator(":scope > *").all()
         tops = {round(b.bounding_box()["y"]) for b in items}
         assert len(items) == 9 and len(tops) == 1, (len(items), tops)
-        assert not too_wide(panel), too_wide(panel)
+        assert not too_wide(panel, "jp-Cell"), too_wide(panel, "jp-Cell")
 
         def users():
             return transcript.locator(".l2t-user .l2t-text").all_inner_texts()
@@ -265,7 +266,7 @@ def test_panel_streams_and_stops_in_a_real_browser(lab):
         for bubble in transcript.locator(".l2t-msg").all():
             box = bubble.bounding_box()
             assert chat["x"] <= box["x"] and box["x"] + box["width"] <= chat["x"] + chat["width"] + 1, (box, chat)
-        assert not too_wide(panel), too_wide(panel)
+        assert not too_wide(panel, "jp-Cell"), too_wide(panel, "jp-Cell")
         page.screenshot(path=str(ARTIFACTS / f"{app}-panel-long-word.png"), full_page=False)
 
         # Regenerate: a new answer to the last prompt, in place of the old one.
@@ -322,15 +323,3 @@ def wait_until(condition, timeout=30):
     while not condition():
         assert time.time() < deadline, "the page did not change"
         time.sleep(0.1)
-
-
-def too_wide(panel):
-    """The panel and the output area around it, where their content is wider than they are (a scrollbar)."""
-    return panel.evaluate(
-        """e => { const wide = [];
-        for (let n = e; n && !n.classList.contains('jp-Cell'); n = n.parentElement) {
-            if (n.scrollWidth > n.clientWidth + 1 && getComputedStyle(n).overflowX !== 'visible')
-                wide.push(n.className + ' ' + n.scrollWidth + '>' + n.clientWidth);
-        }
-        return wide; }"""
-    )
