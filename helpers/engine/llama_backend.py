@@ -23,6 +23,7 @@ import functools
 import re
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ import llama_cpp
 import numpy as np
 
 from helpers.engine.backend import DraftCheck, PromptProgress, SampledToken
-from helpers.engine.prompt_lookup import PromptLookup
+from helpers.engine.prompt_lookup import PromptLookup, StepCosts
 from helpers.errors import DecodeError, ModelUnloadedError, UsageError
 from helpers.settings import GenerationSettings
 
@@ -105,6 +106,7 @@ class LlamaCppBackend:
         self._owned = owned
         self._strong = llama if owned else None
         self._weak = weakref.ref(llama)
+        self.step_costs = StepCosts()  # what a step of n tokens costs on this model here, for sizing drafts
         self._flag = ctypes.create_string_buffer(2)  # [0] != 0: stop the running graph computation
         self._special_spellings: dict[str, int] | None = None
 
@@ -245,14 +247,17 @@ class LlamaCppBackend:
                 # llama-cpp-python's batch holds n_batch tokens and `set_batch` writes without a bounds check
                 left = min(settings.max_tokens - produced, self.n_ctx() - llama.n_tokens, llama.n_batch) - 1
                 draft = drafter.draft(left) if drafter is not None else []
+                started = time.perf_counter()
                 if not self._decode(llama, [token, *draft], llama.n_tokens, logits=len(draft) + 1):
                     return
                 if not draft:
                     token, kept = sampler.sample(llama._ctx, -1), []
-                    continue
-                token, kept = self._verify(llama, sampler, vocab, draft)
-                drafter.record(len(draft), len(kept))
-                yield DraftCheck(len(draft), len(kept))
+                else:
+                    token, kept = self._verify(llama, sampler, vocab, draft)
+                if drafter is not None:  # what this step cost, for sizing the next drafts
+                    self.step_costs.observe(len(draft) + 1, time.perf_counter() - started)
+                if draft:
+                    yield DraftCheck(len(draft), len(kept))
         finally:
             sampler.close()
 
@@ -264,7 +269,7 @@ class LlamaCppBackend:
             return None
         if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
             return None
-        return PromptLookup(llama.input_ids[: llama.n_tokens].tolist())
+        return PromptLookup(llama.input_ids[: llama.n_tokens].tolist(), costs=self.step_costs)
 
     def _verify(self, llama, sampler, vocab, draft: list[int]) -> tuple[int, list[int]]:
         """After one batch evaluated a token and the `draft` after it: the model's own token at each drafted

@@ -10,7 +10,7 @@ import pytest
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
 from helpers.engine.backend import DraftCheck, SampledToken
-from helpers.engine.prompt_lookup import FIRST_PAUSE, PromptLookup
+from helpers.engine.prompt_lookup import PRIOR_SLOPE, PromptLookup, StepCosts
 from helpers.generation import GenerationStats, generate, stream
 from helpers.settings import GenerationSettings
 from helpers.templates import encode_chat
@@ -35,6 +35,27 @@ OFF = ON.replace(speculative=None)
 # project's machine (docs/performance.md, "Speculative decoding", counts how often it does on more prompts).
 # The copied paragraph (GROUNDED[0]) is not one of them: its 33rd token is such a tie (" most" vs " North").
 FIX = GROUNDED[1]
+
+
+class SteadyCosts(StepCosts):
+    """Step costs fixed at a line (each drafted token `slope` of a 1-token step) and not learnt from this
+    machine's timings, so the drafts the real-model tests see do not depend on how busy the machine is."""
+
+    def __init__(self, slope: float):
+        super().__init__()
+        for n in (1, 1, 3, 3):
+            super().observe(n, 0.01 * (1 + slope * (n - 1)))
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def steady_costs(request, monkeypatch):
+    """With the real model: drafts sized as on a machine where a batch is cheap (0.02 of a step per token, as on a GPU)."""
+    if "smol" in request.fixturenames:
+        backend = request.getfixturevalue("smol").run(lambda backend: backend)
+        monkeypatch.setattr(backend, "step_costs", SteadyCosts(0.02))
 
 
 def kv_positions(model) -> int:
@@ -66,15 +87,17 @@ def trace(model, messages, settings):
 # --- the drafter --------------------------------------------------------------------------------------
 
 
-def test_the_draft_continues_the_latest_earlier_occurrence_of_the_longest_ngram():
+def test_the_candidate_continues_the_latest_earlier_occurrence_of_the_longest_ngram():
     lookup = PromptLookup([1, 2, 3, 9, 8, 1, 2, 3, 7, 5, 4, 2, 3], ngram_sizes=(3, 2))
-    assert lookup.draft(3) == [7, 5, 4]  # (2, 3): latest earlier occurrence at 6, not the one at 1
+    assert lookup.candidate(3) == ([7, 5, 4], 2)  # (2, 3): latest earlier occurrence at 6, not the one at 1
     lookup.add([6, 1, 2, 3])
-    assert lookup.draft(10) == [7, 5, 4, 2, 3, 6, 1, 2, 3]  # (1, 2, 3) at 5..7 (the 3-gram wins over (2, 3))
-    assert PromptLookup([4, 5, 6], ngram_sizes=(2,)).draft(5) == []
+    assert lookup.candidate(10) == ([7, 5, 4, 2, 3, 6, 1, 2, 3], 3)  # (1, 2, 3) at 5..7: the 3-gram wins
+    assert PromptLookup([4, 5, 6], ngram_sizes=(2,)).candidate(5) == ([], 0)
+    lookup = PromptLookup([50, 1, 2, 3, 4, 5, 6, 7, 8, 60, 1, 2, 3, 4, 5, 6])
+    assert lookup.candidate(2) == ([7, 8], 6)  # the match reaches back past the n-gram: 6 tokens agree
 
 
-def test_the_draft_equals_llama_cpp_pythons_prompt_lookup_where_each_ngram_occurs_once():
+def test_the_candidate_equals_llama_cpp_pythons_prompt_lookup_where_each_ngram_occurs_once():
     rng = np.random.default_rng(0)
     for _ in range(200):
         context = list(rng.permutation(1000)[:40])  # no repeats ...
@@ -82,23 +105,64 @@ def test_the_draft_equals_llama_cpp_pythons_prompt_lookup_where_each_ngram_occur
         n = int(rng.integers(1, 4))
         context += context[at : at + n]  # ... but the last n tokens, once earlier
         theirs = LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=8)(np.array(context, dtype=np.intc))
-        ours = PromptLookup(context, ngram_sizes=(3, 2, 1), max_draft=8).draft(8)
+        ours, _ = PromptLookup(context, ngram_sizes=(3, 2, 1), max_draft=8).candidate(8)
         assert ours == theirs.tolist()
 
 
-def test_drafting_pauses_while_drafts_keep_failing():
-    lookup = PromptLookup([1, 2, 3, 4, 1, 2], ngram_sizes=(2,), misses_before_pause=2)
-    assert lookup.draft(4) == [3, 4, 1, 2]
-    lookup.record(4, 0)
-    assert lookup.draft(4)  # one miss: still drafting
-    lookup.record(4, 0)
-    assert lookup.draft(4) == []  # two in a row: paused ...
-    lookup.add([3] * (FIRST_PAUSE - 1))
-    assert lookup.draft(4) == []
-    lookup.add([4])
-    assert lookup.draft(2) == [1, 2]  # ... for FIRST_PAUSE tokens
-    lookup.record(2, 1)
-    assert lookup._next_pause == FIRST_PAUSE  # a kept draft resets the rule
+def linear_costs(slope: float) -> StepCosts:
+    """Step costs measured on a machine where each drafted token costs `slope` of a 1-token step."""
+    costs = StepCosts()
+    for n in (1, 1, 3, 3):
+        costs.observe(n, 0.01 * (1 + slope * (n - 1)))
+    return costs
+
+
+def test_step_costs_are_the_measured_ratio_or_a_line_through_the_measured_ones():
+    assert StepCosts().relative(5) == pytest.approx(1 + PRIOR_SLOPE * 4)
+    costs = linear_costs(0.25)
+    assert costs.relative(3) == pytest.approx(1.5)  # measured (twice)
+    assert costs.relative(9) == pytest.approx(3.0)  # not measured: the line
+    costs.observe(9, 0.01 * 5)  # once: a single timing does not replace the line
+    assert costs.relative(9) == pytest.approx(1 + costs.slope() * 8)
+    assert costs.slope() == pytest.approx((0.25 * 2 + 0.5 * 1) / 3)  # count-weighted per-token cost
+    costs.observe(9, 0.01 * 5)
+    assert costs.relative(9) == pytest.approx(5.0)
+
+
+def test_the_draft_length_makes_the_most_tokens_per_cost():
+    """Against the closed form: with a constant chance p that a drafted token is kept and a cost of 1 + s*k for
+    a step with k drafted tokens, a step yields (1 - p^(k+1)) / (1 - p) tokens on average."""
+    for slope in (0.05, 0.2, 0.5, 0.9):
+        lookup = PromptLookup([], costs=linear_costs(slope))
+        lookup._kept = {m: 0.8 * lookup._seen[m] for m in lookup._seen}  # p = 0.8 at every match length
+        value = {k: (1 - 0.8 ** (k + 1)) / 0.2 / (1 + slope * k) for k in range(0, 17)}
+        best = max(value, key=value.get)
+        assert lookup.worth(2, 16) == best
+    assert best == 0  # at 0.9 of a step per drafted token no draft pays for itself
+
+
+def test_cheap_batches_draft_longer_than_dear_ones():
+    context = [7, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 1, 2, 3, 4, 5, 6, 7, 8]  # long match
+    gpu_like = PromptLookup(context, costs=linear_costs(0.02)).draft(16)
+    cpu_like = PromptLookup(context, costs=linear_costs(0.5)).draft(16)
+    assert gpu_like == [9, 10, 11, 12, 13, 14, 15, 16, 17, 1, 2, 3, 4, 5, 6, 7]
+    assert 0 < len(cpu_like) < len(gpu_like) and gpu_like[: len(cpu_like)] == cpu_like
+    assert len(PromptLookup(context, costs=linear_costs(0.02)).draft(3)) == 3  # the room left caps it
+
+
+def test_drafting_stops_while_drafts_keep_failing_and_resumes_when_they_would_be_kept():
+    lookup = PromptLookup([1, 2, 3, 4, 1, 2], ngram_sizes=(2,), costs=linear_costs(0.2))
+    assert lookup.draft(4) == [3, 4]  # after a 2-token match, a token is kept half the time before any is seen
+    misses = 0
+    while lookup.draft(4):  # each time the model produces something else than the proposal ...
+        lookup.add([100 + misses, 1, 2])  # ... and the context ends with (1, 2) again
+        misses += 1
+    # (1 + p) / 1.2 > 1 while p, 2 kept of 4 + misses seen, is over 0.2: six misses
+    assert misses == 6 and lookup.kept_chance(2) == pytest.approx(0.2)
+    before = lookup.kept_chance(2)
+    lookup.add(lookup.candidate(16)[0])  # not drafted, but still watched: here the lookup would have been right
+    assert lookup.kept_chance(2) > before
+    assert lookup.draft(4)  # drafting again
 
 
 # --- the setting and the stats ------------------------------------------------------------------------
@@ -184,6 +248,7 @@ def test_a_draft_never_outgrows_the_batch(smol_path):
 
     llama = llama_cpp.Llama(model_path=str(smol_path), n_ctx=1024, n_batch=4, n_ubatch=4, verbose=False)
     with as_model(llama) as small_batch:
+        small_batch.run(lambda backend: backend).step_costs = SteadyCosts(0.02)
         completion = small_batch.complete(encode_chat(small_batch, FIX), ON, ON.seed)
         try:
             drafts = [event.proposed for event, _ in completion.events() if isinstance(event, DraftCheck)]
@@ -249,3 +314,18 @@ def test_stop_event_while_streaming_a_speculative_answer(smol):
             stop.set()
     assert stats.finish_reason == "cancelled" and 12 <= stats.completion_tokens < ON.max_tokens
     assert kv_positions(smol) == len(smol.cached_tokens())
+
+
+def test_the_engine_times_its_steps_for_the_drafter(smol, monkeypatch):
+    costs = StepCosts()
+    monkeypatch.setattr(smol.run(lambda backend: backend), "step_costs", costs)
+    on = generate(smol, FIX, ON)
+    assert on.stats.draft_proposed > 0
+    # one timing per step: every token sampled (the answer's and its end-of-turn token) after the first, but
+    # the kept draft tokens, which came in the step that checked them
+    assert on.stats.finish_reason == "stop"
+    steps = sum(costs._count.values())
+    assert steps == on.stats.completion_tokens + 1 - 1 - on.stats.draft_accepted
+    assert costs._count[1] > 0 and any(n > 1 for n in costs._count) and costs.slope() >= 0
+    generate(smol, FIX, OFF)
+    assert sum(costs._count.values()) == steps  # without drafting nothing is timed
