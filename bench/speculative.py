@@ -1,7 +1,7 @@
 """Speculative decoding by prompt lookup (issue 20), every figure from one run, printed as tables.
 
-    python bench/speculative.py                                    # SmolLM2 tasks, exactness, 7B batch cost
-    python bench/speculative.py --big quantized/llama2-7b-shaped.Q4_0.gguf
+    python bench/speculative.py                                    # SmolLM2 tasks, step costs, exactness
+    python bench/speculative.py --big quantized/llama2-7b-shaped.Q4_0.gguf   # and the figures at 7B shape
 
 1. Tasks with the bundled SmolLM2-135M-Instruct: a grounded set (summarise, rewrite in another tone, fix a
    bug, answer with quotes, a list as a table) and a free-form set (a story, an explanation). Each round runs
@@ -12,12 +12,19 @@
    that ends with it (as the helpers' engine does). The ratios come from the same run.
 2. Exactness: the same prompts at temperature 0, off vs on, and the paired rounds' texts (same seed): how
    many are equal.
-3. At Llama 2 7B shape (`--big`, random weights, from bench/make_llama2_gguf.py): the time to evaluate a batch
-   of k+1 tokens (logits for each) after a 256-token prompt, against one token, k = 0..16, median of paired
-   rounds. Random weights cannot measure acceptance, so the implied speedup replays the drafts that the
-   SmolLM2 runs made (each verification of k drafted tokens costs cost(k+1), each token without a draft
-   cost(1)) on the 7B cost curve: implied = tokens x cost(1) / sum of the batches' costs. Python's drafting
-   time (microseconds a token) is left out of it; at 7B a token takes about 300 ms here.
+3. Step costs, measured inside the engine's own generation loop (the timing `StepCosts` gets, a drafter that
+   proposes k = 0..16 tokens in turn): what a step that evaluates the sampled token and k drafted ones costs
+   against a step of one token, median of the rounds, for SmolLM2 and (`--big`) the Llama 2 7B-shaped file
+   (random weights, from bench/make_llama2_gguf.py). Timed apart from generation, a batch misleads: with
+   SmolLM2 a lone 1-token decode took 14 ms against 6.7 ms inside the loop. The bound: the speedup if every
+   drafted token were kept, max over k of (k+1) / cost(k+1).
+4. Implied speedups. Random weights cannot measure acceptance, so the drafter (the same code, its chance
+   estimates learning as in the engine) is replayed on the tokens the "off" runs produced, with the step costs
+   of a model fixed to its measured curve: a drafted token is kept when it equals the token the model produced
+   there, which is the acceptance rule, and the off runs are samples of the same distribution.
+   implied = (tokens - 1) / the sum of the steps' relative costs. On SmolLM2's own curve this checks the
+   method against the measured on / off; on the 7B curve it is the figure at that scale (with SmolLM2's
+   acceptance: a 7B model probably copies at least as faithfully). Python's drafting time is left out.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from llama_cpp.llama_speculative import LlamaPromptLookupDecoding  # noqa: E402
 from helpers import GenerationSettings, offline_model_path  # noqa: E402
 from helpers.engine.backend import DraftCheck, SampledToken  # noqa: E402
 from helpers.engine.loading import load_model, unload_model  # noqa: E402
+from helpers.engine.prompt_lookup import PromptLookup, StepCosts  # noqa: E402
 
 ARTICLE = (
     "The Great Barrier Reef is the world's largest coral reef system, composed of over 2,900 individual reefs "
@@ -158,10 +166,15 @@ def rate(runs: list[Run]) -> float:
     return tokens / seconds if seconds else 0.0
 
 
+def task_prompts(model) -> dict[str, list[int]]:
+    tasks = {**{f"grounded: {k}": v for k, v in GROUNDED.items()}, **{f"free-form: {k}": v for k, v in FREE.items()}}
+    return {name: model.encode_chat([{"role": "user", "content": text}]) for name, text in tasks.items()}
+
+
 def tasks_table(model, library, rounds: int, max_tokens: int, settings: GenerationSettings, runs=None, first_round=0):
     """Paired rounds over every task (added to `runs`); returns the rows and the runs of each task and mode."""
-    tasks = {**{f"grounded: {k}": v for k, v in GROUNDED.items()}, **{f"free-form: {k}": v for k, v in FREE.items()}}
-    prompts = {name: model.encode_chat([{"role": "user", "content": text}]) for name, text in tasks.items()}
+    prompts = task_prompts(model)
+    tasks = list(prompts)
     runs = runs or {(name, mode): [] for name in tasks for mode in ("off", "on", "library")}
     for r in range(first_round, first_round + rounds):
         order = ["off", "on", "library"]
@@ -184,60 +197,139 @@ def tasks_table(model, library, rounds: int, max_tokens: int, settings: Generati
     return rows, runs
 
 
-def exactness(model, max_tokens: int) -> tuple[int, int, list[str]]:
-    """Off vs on at temperature 0 on every task and the extra prompts: (equal, total, the ones that differ)."""
+def exactness(model, max_tokens: int) -> tuple[int, int, list[str], dict[str, float]]:
+    """Off vs on at temperature 0 on every task and the extra prompts: (equal, total, the ones that differ,
+    on / off generation tokens/s of the grounded and the free-form tasks at temperature 0, one run each)."""
     texts = [*GROUNDED.values(), *FREE.values(), *EXTRA]
+    group = {**dict.fromkeys(GROUNDED.values(), "grounded"), **dict.fromkeys(FREE.values(), "free-form")}
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0, seed=1, cache_prompt=False)
-    differ = []
+    differ, runs = [], {"grounded": ([], []), "free-form": ([], [])}
     for text in texts:
         prompt = model.encode_chat([{"role": "user", "content": text}])
         off = helpers_run(model, prompt, settings)
         on = helpers_run(model, prompt, settings.replace(speculative="prompt-lookup"))
+        if text in group:
+            runs[group[text]][0].append(off)
+            runs[group[text]][1].append(on)
         if off.tokens != on.tokens:
             at = next((i for i, (a, b) in enumerate(zip(off.tokens, on.tokens)) if a != b), None)
             differ.append(f"{text[:40]!r}... differs at token {at} of {len(off.tokens)}")
-    return len(texts) - len(differ), len(texts), differ
+    speed = {name: rate(on) / rate(off) for name, (off, on) in runs.items()}
+    return len(texts) - len(differ), len(texts), differ, speed
 
 
-def batch_costs(path: Path, rounds: int, largest: int, prompt_len: int = 256) -> dict[int, float]:
-    """Median seconds to evaluate a batch of n = 1..largest+1 tokens (logits for each) after `prompt_len`
-    tokens, on the model's engine thread; the batch's positions are dropped after each measurement."""
-    model = load_model(path, n_ctx=1024)
+class Timings(StepCosts):
+    """The engine's `StepCosts`, keeping every step's seconds by its size as well."""
 
-    def measure(backend):
-        llama = backend.llama
-        llama.reset()
-        llama._ctx.kv_cache_clear()
-        text = " ".join(GROUNDED.values())
-        prompt = ([llama.token_bos()] + llama.tokenize(text.encode(), add_bos=False))[:prompt_len]
-        llama.eval(prompt)
-        filler = llama.tokenize(ARTICLE.encode(), add_bos=False)
-        seconds = {n: [] for n in range(1, largest + 2)}
-        sizes = list(seconds)
-        for r in range(rounds):
-            for n in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]:
-                llama._batch.set_batch(batch=filler[:n], n_past=len(prompt), logits_all=True)
-                start = time.perf_counter()
-                if llama_cpp.llama_decode(llama.ctx, llama._batch.batch) != 0:
-                    raise RuntimeError("llama_decode failed")
-                seconds[n].append(time.perf_counter() - start)
-                llama._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
-        llama.n_tokens = len(prompt)
-        return {n: statistics.median(s) for n, s in seconds.items()}
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[int, list[float]] = {}
 
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.seen.setdefault(tokens, []).append(seconds)
+        super().observe(tokens, seconds)
+
+
+class Forced:
+    """A drafter that proposes k = `sizes[0]`, `sizes[1]`, ... tokens whatever the context (the k tokens before
+    the last one), so that the engine's loop times a step of every size."""
+
+    def __init__(self, context: list[int], sizes: list[int]):
+        self.tokens, self.sizes = list(context), sizes  # takes the sizes off the caller's list
+
+    def add(self, tokens) -> None:
+        self.tokens.extend(tokens)
+
+    def draft(self, limit: int) -> list[int]:
+        k = min(self.sizes.pop(0) if self.sizes else 0, limit)
+        return self.tokens[-k - 1 : -1] if k else []
+
+
+def step_costs(model, rounds: int, largest: int = 16) -> dict[int, float]:
+    """Median seconds of a generation step that evaluates n = 1..largest+1 tokens, timed by the engine's loop
+    (see the module's docstring) after a 200-odd-token prompt, sizes in an order that rotates each round."""
+    backend = model.run(lambda b: b)
+    sizes = list(range(largest + 1))
+    schedule = [k for r in range(rounds) for k in sizes[r % len(sizes) :] + sizes[: r % len(sizes)]]
+    text = "\n\n".join([ARTICLE, EMAIL, "Repeat the two texts above word for word, twice."])
+    prompt = model.encode_chat([{"role": "user", "content": text}])
+    settings = GenerationSettings(
+        max_tokens=1000, temperature=0.6, seed=1, cache_prompt=False, speculative="prompt-lookup"
+    )
+    saved_costs, timings = backend.step_costs, Timings()
+    backend.step_costs = timings
+    backend._drafter = lambda llama, _: Forced(llama.input_ids[: llama.n_tokens].tolist(), schedule)
     try:
-        return model.run(measure)
+        while schedule:  # again from the prompt if an answer ends before the schedule does
+            completion = model.complete(prompt, settings, settings.seed)
+            try:
+                for _ in completion.events():
+                    if not schedule:  # the step that took the last size has been timed
+                        break
+            finally:
+                completion.close()
     finally:
-        unload_model()
+        del backend._drafter
+        backend.step_costs = saved_costs
+    return {n: statistics.median(timings.seen[n]) for n in sorted(timings.seen)}
 
 
-def implied_speedup(runs: list[Run], cost: dict[int, float]) -> float:
-    """Tokens x cost(1) over the cost of the batches the runs evaluated (see the module's docstring)."""
-    tokens = sum(len(r.tokens) - 1 for r in runs)
-    drafted = sum(cost[min(p, max(cost) - 1) + 1] for r in runs for p, _ in r.drafts)
-    batches_with_draft = sum(1 + k for r in runs for _, k in r.drafts)
-    singles = max(0, tokens - batches_with_draft)
-    return tokens * cost[1] / (singles * cost[1] + drafted) if tokens else 0.0
+def fixed_costs(cost: dict[int, float]) -> StepCosts:
+    """`StepCosts` that hold a measured curve (each size as if timed twice)."""
+    costs = StepCosts()
+    for n, seconds in cost.items():
+        costs.observe(n, seconds)
+        costs.observe(n, seconds)
+    return costs
+
+
+def replay(prompt: list[int], tokens: list[int], cost: dict[int, float], max_tokens: int) -> tuple[int, float]:
+    """The drafter on tokens a run without drafting produced: (tokens after the first, the steps' summed
+    relative cost) on the curve `cost` (see the module's docstring)."""
+    costs = fixed_costs(cost)
+    lookup = PromptLookup(prompt, costs=costs)
+    lookup.add(tokens[:1])
+    at, spent = 1, 0.0
+    while at < len(tokens):
+        left = min(max_tokens - at, max(cost)) - 1
+        draft = lookup.draft(left) if left > 0 else []
+        kept = next(
+            (i for i, (d, t) in enumerate(zip(draft, tokens[at:])) if d != t), min(len(draft), len(tokens) - at)
+        )
+        spent += costs.relative(len(draft) + 1)
+        lookup.add(tokens[at : at + kept + 1])
+        at += kept + 1
+    return len(tokens) - 1, spent
+
+
+def implied_speedup(prompts: dict[str, list[int]], runs, names, cost: dict[int, float], max_tokens: int) -> float:
+    tokens, spent = 0, 0.0
+    for name in names:
+        for run in runs[name, "off"]:
+            if len(run.tokens) > 1:
+                t, s = replay(prompts[name], run.tokens, cost, max_tokens)
+                tokens, spent = tokens + t, spent + s
+    return tokens / spent if spent else 0.0
+
+
+def print_costs(title: str, cost: dict[int, float]) -> None:
+    print(f"\n{title}")
+    print("| k drafted | step of k+1 (ms) | / one token | tokens per cost if all kept |")
+    print("|---|---|---|---|")
+    for n, seconds in cost.items():
+        print(f"| {n - 1} | {1000 * seconds:.1f} | {seconds / cost[1]:.2f} | {n * cost[1] / seconds:.2f} |")
+    bound = max(n * cost[1] / s for n, s in cost.items())
+    print(f"the bound (every drafted token kept, the best k): {bound:.2f}x", flush=True)
+
+
+def print_implied(title: str, prompts, runs, rows, cost, max_tokens: int) -> None:
+    names = [r[0] for r in rows]
+    parts = []
+    for group in ("grounded", "free-form"):
+        group_names = [n for n in names if n.startswith(group)]
+        parts.append(f"{group} {implied_speedup(prompts, runs, group_names, cost, max_tokens):.2f}x")
+    each = ", ".join(f"{n.split(': ')[1]} {implied_speedup(prompts, runs, [n], cost, max_tokens):.2f}x" for n in names)
+    print(f"{title}: {', '.join(parts)} ({each})", flush=True)
 
 
 def print_tasks(rows, runs, rounds: int) -> None:
@@ -261,10 +353,10 @@ def print_tasks(rows, runs, rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=None, help="default: the bundled SmolLM2-135M-Instruct")
-    parser.add_argument("--big", type=Path, default=None, help="a Llama-2-7B-shaped GGUF for the batch cost")
+    parser.add_argument("--big", type=Path, default=None, help="a Llama-2-7B-shaped GGUF for the step costs")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=160)
-    parser.add_argument("--big-rounds", type=int, default=3)
+    parser.add_argument("--cost-rounds", type=int, default=5, help="steps timed per size and model")
     parser.add_argument("--exact-tokens", type=int, default=128, help="tokens per text in the exactness count")
     parser.add_argument("--no-library", action="store_true", help="leave out llama-cpp-python's prompt lookup")
     args = parser.parse_args()
@@ -293,25 +385,37 @@ def main() -> None:
     if library is not None:
         library.close()
 
+    prompts = task_prompts(model)
+    small = step_costs(model, args.cost_rounds)
+    print_costs(f"step cost in the engine's loop, {path.name}, median of {args.cost_rounds} rounds:", small)
+    print_implied(
+        "replayed on that curve (the method's check against on / off above)",
+        prompts,
+        runs,
+        rows,
+        small,
+        args.max_tokens,
+    )
     if args.big is not None:
         unload_model()
-        cost = batch_costs(args.big, args.big_rounds, largest=16)
-        print(f"\nbatch cost at Llama 2 7B shape ({args.big.name}), median of {args.big_rounds} rounds:")
-        print("| k drafted | batch of k+1 (s) | / one token |")
-        print("|---|---|---|")
-        for n, seconds in cost.items():
-            print(f"| {n - 1} | {seconds:.3f} | {seconds / cost[1]:.2f} |")
-        for group in ("grounded", "free-form"):
-            group_runs = [run for (n, m), rs in runs.items() if n.startswith(group) and m == "on" for run in rs]
-            print(f"implied speedup at 7B, {group}: {implied_speedup(group_runs, cost):.2f}x")
-        for name, *_ in rows:
-            print(f"  {name}: {implied_speedup(runs[name, 'on'], cost):.2f}x", flush=True)
+        big_model = load_model(args.big, n_ctx=1024)
+        try:
+            big = step_costs(big_model, args.cost_rounds)
+        finally:
+            unload_model()
+        print_costs(f"step cost at Llama 2 7B shape ({args.big.name}), median of {args.cost_rounds} rounds:", big)
+        print_implied(
+            "implied at 7B (SmolLM2's answers replayed on the 7B curve)", prompts, runs, rows, big, args.max_tokens
+        )
         model = load_model(path)
 
-    equal, total, differ = exactness(model, args.exact_tokens)
+    equal, total, differ, speed = exactness(model, args.exact_tokens)
     print(f"\nexactness at temperature 0, off vs on: {equal} of {total} texts equal ({args.exact_tokens} tokens each)")
     for line in differ:
         print(f"  {line}")
+    print(
+        "on / off at temperature 0 (the tasks, one run each): " + ", ".join(f"{k} {v:.2f}x" for k, v in speed.items())
+    )
 
 
 if __name__ == "__main__":
