@@ -9,7 +9,7 @@
 #      weights; Q4_0 is written directly in seconds) and runs bench/scale.py on it, every layer offloaded
 #      ("auto" puts all 33 on any GPU with 8 GB free), then bench/speculative.py (issue 20): the SmolLM2 tasks
 #      off / prompt-lookup / llama-cpp-python's prompt lookup, and the cost of verifying k+1 tokens against
-#      one on that file, with the speedup the measured acceptance implies there;
+#      one inside the engine's loop on that file, with the speedup the measured acceptance implies there;
 #   4. prints a short table (bench/gpu_table.py): install path and time, layers offloaded, prompt and
 #      generation tokens/s, time to first token, generation against the GPU's memory-bandwidth ceiling.
 #
