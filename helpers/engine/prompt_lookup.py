@@ -32,6 +32,9 @@ LONGEST_MATCH = 8  # matches this long or longer share one estimate of the chanc
 PRIOR_KEPT = {2: 0.5, 3: 0.6, 4: 0.65, 5: 0.75, 6: 0.75, 7: 0.85, 8: 0.9}
 PRIOR_WEIGHT = 4.0  # the prior counts as this many observed tokens
 PRIOR_SLOPE = 0.5  # each drafted token costs this much of a 1-token step until a batch has been timed
+# After this many steps in a row without a draft, a draft worth making at PRIOR_SLOPE is made anyway, so that
+# batches timed while the machine was busy (which can make every draft look too dear) are timed again.
+PROBE_AFTER = 64
 
 
 class StepCosts:
@@ -42,8 +45,10 @@ class StepCosts:
     def __init__(self) -> None:
         self._seconds: dict[int, float] = {}
         self._count: dict[int, int] = {}
+        self.since_batch = 0  # steps of one token timed since the last batch
 
     def observe(self, tokens: int, seconds: float) -> None:
+        self.since_batch = self.since_batch + 1 if tokens == 1 else 0
         count = self._count.get(tokens, 0) + 1
         weight = max(0.1, 1 / count)  # the mean of the first ten, then a moving average
         self._seconds[tokens] = (1 - weight) * self._seconds.get(tokens, seconds) + weight * seconds
@@ -125,15 +130,21 @@ class PromptLookup:
             return []
         if self._watch is None:  # every proposal teaches the estimate, verified or not
             self._watch = (len(self.tokens), proposal, match)
-        return proposal[: self.worth(match, min(limit, len(proposal)))]
+        limit = min(limit, len(proposal))
+        k = self.worth(match, limit)
+        if not k and self.costs.since_batch >= PROBE_AFTER:  # time a batch again (see PROBE_AFTER)
+            k = self.worth(match, limit, lambda n: 1 + PRIOR_SLOPE * (n - 1))
+        return proposal[:k]
 
-    def worth(self, match: int, limit: int) -> int:
-        """The draft length k <= limit that makes the most tokens per cost, 0 if no draft beats a plain step."""
+    def worth(self, match: int, limit: int, relative=None) -> int:
+        """The draft length k <= limit that makes the most tokens per cost, 0 if no draft beats a plain step.
+        `relative(n)`: what a step of n tokens costs against one (default: the measured `StepCosts`)."""
+        relative = relative or self.costs.relative
         best, best_k, chance, tokens = 1.0, 0, 1.0, 1.0
         for k in range(1, limit + 1):
             chance *= self.kept_chance(match + k - 1)
             tokens += chance
-            value = tokens / self.costs.relative(k + 1)
+            value = tokens / relative(k + 1)
             if value > best:
                 best, best_k = value, k
         return best_k
@@ -146,7 +157,7 @@ class PromptLookup:
     def _check_watched(self, token: int, at: int) -> None:
         start, proposal, match = self._watch
         i = at - start
-        m = min(match + i, LONGEST_MATCH)
+        m = min(max(match + i, min(PRIOR_KEPT)), LONGEST_MATCH)
         self._seen[m] += 1
         if token == proposal[i]:
             self._kept[m] += 1
