@@ -37,14 +37,17 @@ OFF = ON.replace(speculative=None)
 FIX = GROUNDED[1]
 
 
-class SteadyCosts(StepCosts):
-    """Step costs fixed at a line (each drafted token `slope` of a 1-token step) and not learnt from this
-    machine's timings, so the drafts the real-model tests see do not depend on how busy the machine is."""
+def linear_costs(slope: float, kind: type[StepCosts] = StepCosts) -> StepCosts:
+    """Step costs measured on a machine where each drafted token costs `slope` of a 1-token step."""
+    costs = kind()
+    for n in (1, 1, 3, 3):
+        StepCosts.observe(costs, n, 0.01 * (1 + slope * (n - 1)))
+    return costs
 
-    def __init__(self, slope: float):
-        super().__init__()
-        for n in (1, 1, 3, 3):
-            super().observe(n, 0.01 * (1 + slope * (n - 1)))
+
+class SteadyCosts(StepCosts):
+    """Step costs that are not learnt from this machine's timings (made with `linear_costs`), so the drafts
+    the real-model tests see do not depend on how busy the machine is."""
 
     def observe(self, tokens: int, seconds: float) -> None:
         pass
@@ -55,7 +58,7 @@ def steady_costs(request, monkeypatch):
     """With the real model: drafts sized as on a machine where a batch is cheap (0.02 of a step per token, as on a GPU)."""
     if "smol" in request.fixturenames:
         backend = request.getfixturevalue("smol").run(lambda backend: backend)
-        monkeypatch.setattr(backend, "step_costs", SteadyCosts(0.02))
+        monkeypatch.setattr(backend, "step_costs", linear_costs(0.02, SteadyCosts))
 
 
 def kv_positions(model) -> int:
@@ -107,14 +110,6 @@ def test_the_candidate_equals_llama_cpp_pythons_prompt_lookup_where_each_ngram_o
         theirs = LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=8)(np.array(context, dtype=np.intc))
         ours, _ = PromptLookup(context, ngram_sizes=(3, 2, 1), max_draft=8).candidate(8)
         assert ours == theirs.tolist()
-
-
-def linear_costs(slope: float) -> StepCosts:
-    """Step costs measured on a machine where each drafted token costs `slope` of a 1-token step."""
-    costs = StepCosts()
-    for n in (1, 1, 3, 3):
-        costs.observe(n, 0.01 * (1 + slope * (n - 1)))
-    return costs
 
 
 def test_step_costs_are_the_measured_ratio_or_a_line_through_the_measured_ones():
@@ -269,7 +264,7 @@ def test_a_draft_never_outgrows_the_batch(smol_path):
 
     llama = llama_cpp.Llama(model_path=str(smol_path), n_ctx=1024, n_batch=4, n_ubatch=4, verbose=False)
     with as_model(llama) as small_batch:
-        small_batch.run(lambda backend: backend).step_costs = SteadyCosts(0.02)
+        small_batch.run(lambda backend: backend).step_costs = linear_costs(0.02, SteadyCosts)
         completion = small_batch.complete(encode_chat(small_batch, FIX), ON, ON.seed)
         try:
             drafts = [event.proposed for event, _ in completion.events() if isinstance(event, DraftCheck)]
